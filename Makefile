@@ -1,0 +1,58 @@
+# carepath: set-up, demo and tests. Every target creates or updates .venv first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv demo test lint typecheck pytest calibration benchmarks tensorboard lock clean
+
+help:
+	@echo "make demo        set up .venv and run the main job end to end on the default configuration"
+	@echo "make test        set up .venv and run ruff, mypy and the test suite"
+	@echo "make calibration full calibration table, JSON and plot (benchmarks/results/)"
+	@echo "make benchmarks  performance benchmarks (benchmarks/results/*.json)"
+	@echo "make lock        refresh constraints.txt from the current .venv"
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "carepath needs Python 3.11")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/carepath simulate --patients 5000 --weeks 26
+	$(BIN)/carepath calibrate --scale 0.5 --plot reports/demo/trajectories.png --json reports/demo/calibration.json
+	@echo
+	@echo "Decision support only: every figure above comes from simulated patients."
+
+lint: venv
+	$(BIN)/ruff check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+pytest: venv
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+calibration: venv
+	$(BIN)/python benchmarks/calibration.py
+
+benchmarks: venv
+	$(BIN)/python benchmarks/sim_throughput.py
+	$(BIN)/python benchmarks/calibration.py
+
+tensorboard: venv
+	$(BIN)/tensorboard --logdir runs
+
+lock: venv
+	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' > constraints.txt.new
+	{ head -2 constraints.txt; cat constraints.txt.new; } > constraints.txt.tmp && rm constraints.txt.new && mv constraints.txt.tmp constraints.txt
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,909 @@
+"""Pure, batched patient-response dynamics.
+
+The state of ``n`` patients is one float64 array of shape (n, N_STATE) whose
+columns are named by :class:`S`. :func:`initial_state` and :func:`step` take
+the state, the calibrated :class:`~envs.params.SimParams`, the user's
+:class:`~envs.params.EnvSettings` and an explicit ``numpy.random.Generator``
+and return new arrays: nothing is mutated in place, nothing is global, so the
+gym.Env and the VectorEnv are thin shells and a rollout is reproducible from
+its seed.
+
+Each step draws one fixed block of normals and one of uniforms from the
+generator, whatever the parameters and actions, so runs with the same seed
+share their noise (common random numbers: the calibration objective stays
+smooth in the parameters). The per-patient update is then a deterministic
+function of (state, action, noise), compiled with numba: numpy calls on
+one-patient arrays cost about a microsecond each, and a single gym.Env step
+would otherwise spend ~1 ms in interpreter overhead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+import numba
+import numpy as np
+from numpy.typing import NDArray
+from scipy.special import ndtri
+
+from envs.params import EnvSettings, SimParams
+from envs.rules import N_RULES, blocking_rules, rule_hits_scalar
+from envs.spec import (
+    ACTION_NAMES,
+    DRUG_CLASSES,
+    FEATURE_NAMES,
+    MASK_PREFIX,
+    MASKABLE_FEATURES,
+    MAX_DOSE_LEVEL,
+    MAX_TREATMENT_LEVEL,
+    N_ACTIONS,
+    N_FEATURES,
+    Action,
+)
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+BoolArray = NDArray[np.bool_]
+Noise = NDArray[np.float32]
+
+N_CLASSES = len(DRUG_CLASSES)
+
+
+class S(IntEnum):
+    """Columns of the state array."""
+
+    # hidden clinical state
+    SEV = 0  # true severity, PHQ-9 scale
+    ANX = 1  # true anxiety, GAD-7 scale
+    SEV0 = 2  # severity at intake
+    ANX0 = 3
+    NAT = 4  # untreated target severity (natural course)
+    CHRON = 5  # chronic episode (0/1)
+    TR = 6  # treatment-resistant (0/1)
+    U_CLASS = 7  # 7..10: responsiveness latent per drug class, N(0,1)
+    FAILS = 11  # failed steps so far
+    R_DRUG = 12  # responder to the current drug (0/1)
+    R_AUG = 13
+    R_PSY = 14
+    R_DIG = 15
+    ADH_PROP = 16  # adherence propensity
+    SE_SENS = 17  # side-effect sensitivity
+    ENG_BASE = 18  # engagement propensity
+    ENG = 19  # engagement with care
+    DIG_ENG = 20  # engagement with the digital programme (habituates)
+    DROP_PROP = 21  # dropout log-odds offset
+    SUIC = 22  # suicidality propensity
+    SIDE_EFF = 23  # true side-effect burden (0-10)
+    ADH = 24  # true share of doses taken
+    IN_REM = 25  # currently in remission (0/1)
+    DROPPED = 26  # left care (0/1): terminal
+    DIG_DROPOUTS = 27  # digital programmes discontinued so far
+    # demographics (observed)
+    DIG_ACCESS = 28
+    AGE_BAND = 29
+    SEX = 30
+    PRIOR = 31
+    # treatment
+    DRUG_CLASS = 32  # -1 none, else index into DRUG_CLASSES
+    DOSE = 33
+    W_DRUG = 34
+    W_DOSE = 35
+    AUG = 36
+    W_AUG = 37
+    PSY = 38
+    W_PSY = 39
+    DIG = 40  # 0 none, 1 guided, 2 unguided
+    W_DIG = 41
+    REF = 42
+    W_REF = 43
+    LEVEL = 44
+    W_STEP = 45
+    T = 46
+    # what has been observed (carried forward when missing)
+    O_PHQ = 47
+    O_ITEM9 = 48
+    O_GAD = 49
+    O_WSM = 50  # weeks since PHQ-9 measurement
+    O_PHQ_H1 = 51  # 51..54: observed PHQ-9 1..4 weeks ago (carried forward)
+    O_SE = 55
+    O_ADH = 56
+    O_SLEEP = 57
+    O_STEPS = 58
+    M_PHQ = 59  # 59..65: fresh-this-week indicators, in MASKABLE_FEATURES order
+    NS_RESP = 66  # responder to the non-specific effect of care (placebo responder, 0/1)
+    O_PHQ0 = 67  # PHQ-9 observed at intake
+    N_STATE = 68
+
+
+N_STATE = int(S.N_STATE)
+
+# Module-level ints are compile-time constants inside numba kernels.
+SEV, ANX, SEV0, ANX0, NAT, CHRON, TR, U_CLASS = (int(S.SEV), int(S.ANX), int(S.SEV0), int(S.ANX0),
+                                                 int(S.NAT), int(S.CHRON), int(S.TR), int(S.U_CLASS))
+FAILS, R_DRUG, R_AUG, R_PSY, R_DIG = int(S.FAILS), int(S.R_DRUG), int(S.R_AUG), int(S.R_PSY), int(S.R_DIG)
+ADH_PROP, SE_SENS, ENG_BASE, ENG, DIG_ENG = (int(S.ADH_PROP), int(S.SE_SENS), int(S.ENG_BASE),
+                                             int(S.ENG), int(S.DIG_ENG))
+DROP_PROP, SUIC, SIDE_EFF, ADH, IN_REM = (int(S.DROP_PROP), int(S.SUIC), int(S.SIDE_EFF), int(S.ADH),
+                                          int(S.IN_REM))
+DROPPED, DIG_DROPOUTS = int(S.DROPPED), int(S.DIG_DROPOUTS)
+DIG_ACCESS, AGE_BAND, SEX, PRIOR = int(S.DIG_ACCESS), int(S.AGE_BAND), int(S.SEX), int(S.PRIOR)
+DRUG_CLASS, DOSE, W_DRUG, W_DOSE, AUG, W_AUG = (int(S.DRUG_CLASS), int(S.DOSE), int(S.W_DRUG),
+                                                int(S.W_DOSE), int(S.AUG), int(S.W_AUG))
+PSY, W_PSY, DIG, W_DIG, REF, W_REF = (int(S.PSY), int(S.W_PSY), int(S.DIG), int(S.W_DIG), int(S.REF),
+                                      int(S.W_REF))
+LEVEL, W_STEP, T, NS_RESP, O_PHQ0 = int(S.LEVEL), int(S.W_STEP), int(S.T), int(S.NS_RESP), int(S.O_PHQ0)
+O_PHQ, O_ITEM9, O_GAD, O_WSM, O_PHQ_H1 = (int(S.O_PHQ), int(S.O_ITEM9), int(S.O_GAD), int(S.O_WSM),
+                                          int(S.O_PHQ_H1))
+O_SE, O_ADH, O_SLEEP, O_STEPS, M_PHQ = (int(S.O_SE), int(S.O_ADH), int(S.O_SLEEP), int(S.O_STEPS),
+                                        int(S.M_PHQ))
+A_CONTINUE, A_RAISE, A_WITHIN, A_CLASS, A_AUGMENT = 0, 1, 2, 3, 4
+A_PSY, A_DIG_GUIDED, A_DIG_UNGUIDED, A_NUDGE, A_REFER = 5, 6, 7, 8, 9
+assert [int(a) for a in Action] == list(range(10))
+
+# Noise drawn every step (fixed shapes: common random numbers).
+# normals: 0 severity, 1 anxiety, 2 new-drug draw, 3 augmentation draw,
+#          4 psychotherapy/digital draw, 5-11 measurement (see _measure)
+# uniforms: 0 spontaneous remission, 1 relapse, 2 digital dropout, 3 care dropout,
+#           4-8 measurement
+N_NORMAL = 12
+N_UNIFORM = 9
+_MEASURE_NORMAL = 5
+_MEASURE_UNIFORM = 4
+
+# Where each observation feature comes from in the state (phq9_change_4w is computed).
+_FEATURE_SOURCE: dict[str, int] = {
+    "phq9": O_PHQ,
+    "phq9_item9": O_ITEM9,
+    "phq9_at_intake": O_PHQ0,
+    "gad7": O_GAD,
+    "weeks_since_measurement": O_WSM,
+    "treatment_level": LEVEL,
+    "weeks_on_step": W_STEP,
+    "dose_level": DOSE,
+    "weeks_on_dose": W_DOSE,
+    "on_psychotherapy": PSY,
+    "on_digital": DIG,
+    "on_augmentation": AUG,
+    "in_specialist_care": REF,
+    "side_effect_burden": O_SE,
+    "adherence": O_ADH,
+    "engagement": ENG,
+    "weeks_in_care": T,
+    "age_band": AGE_BAND,
+    "sex": SEX,
+    "prior_episodes": PRIOR,
+    "digital_access": DIG_ACCESS,
+    "sleep_hours": O_SLEEP,
+    "daily_steps": O_STEPS,
+}
+for _i, _name in enumerate(MASKABLE_FEATURES):
+    _FEATURE_SOURCE[MASK_PREFIX + _name] = M_PHQ + _i
+_OBS_POSITIONS = np.array([i for i, f in enumerate(FEATURE_NAMES) if f in _FEATURE_SOURCE], dtype=np.int64)
+_OBS_STATE_COLS = np.array([_FEATURE_SOURCE[FEATURE_NAMES[i]] for i in _OBS_POSITIONS], dtype=np.int64)
+CHANGE_POS = FEATURE_NAMES.index("phq9_change_4w")
+assert len(_OBS_POSITIONS) == N_FEATURES - 1
+
+
+class KernelParams(NamedTuple):
+    """SimParams and EnvSettings flattened for the compiled kernel."""
+
+    # response
+    tr_factor: float
+    z_drug: float
+    rho_class: float
+    per_fail: float
+    drug_resp: float
+    drug_partial: float
+    class_effect: tuple[float, ...]
+    dose_factor: tuple[float, ...]
+    tau_drug: float
+    z_aug: float
+    aug_resp: float
+    aug_partial: float
+    tau_aug: float
+    z_psy: float
+    psy_resp: float
+    psy_partial: float
+    tau_psy: float
+    z_dig: float
+    dig_resp: float
+    dig_partial: float
+    tau_dig: float
+    spec_effect: float
+    tau_spec: float
+    ns_prob: float
+    ns_resp: float
+    ns_partial: float
+    ns_chronic: float
+    tau_ns: float
+    # course
+    rate: float
+    proc_sd: float
+    anx_proc_sd: float
+    sr_hazard: float
+    sr_factor: float
+    relapse: float
+    relapse_treated: float
+    relapse_per_prior: float
+    remission: float
+    # tolerability
+    class_se: tuple[float, ...]
+    aug_se: float
+    se_tau: float
+    se_persist: float
+    adh_loss: float
+    adh_full: float
+    # engagement
+    eng_revert: float
+    eng_loss: float
+    nudge: float
+    hab_unguided: float
+    hab_guided: float
+    dig_start: float
+    dig_drop_unguided: float
+    dig_drop_guided: float
+    support: float
+    # dropout
+    drop_base: float
+    drop_se: float
+    drop_noimp: float
+    drop_diseng: float
+    # measurement
+    phq_sd: float
+    gad_sd: float
+    resp_logit: float
+    resp_eng: float
+    resp_sev: float
+    se_report: float
+    adh_report: float
+    i9_base: float
+    i9_sev: float
+    i9_thresholds: tuple[float, ...]
+    i9_spec: float
+    wear_p: float
+    sleep_mean: float
+    sleep_sev: float
+    sleep_sd: float
+    steps_mean: float
+    steps_sev: float
+    steps_sd: float
+    # settings
+    obs_noise: float
+    missingness: float
+    wearables: float
+    w_improve: float
+    w_remission: float
+    w_side: float
+    w_dropout: float
+    w_cost: float
+    w_invalid: float
+    costs: tuple[float, ...]
+
+# Offsets of each KernelParams field in the flat parameter array the kernel reads
+# (tuple fields take consecutive slots). Checked against KernelParams below.
+K_TR_FACTOR = 0
+K_Z_DRUG = 1
+K_RHO_CLASS = 2
+K_PER_FAIL = 3
+K_DRUG_RESP = 4
+K_DRUG_PARTIAL = 5
+K_CLASS_EFFECT = 6
+K_DOSE_FACTOR = 10
+K_TAU_DRUG = 14
+K_Z_AUG = 15
+K_AUG_RESP = 16
+K_AUG_PARTIAL = 17
+K_TAU_AUG = 18
+K_Z_PSY = 19
+K_PSY_RESP = 20
+K_PSY_PARTIAL = 21
+K_TAU_PSY = 22
+K_Z_DIG = 23
+K_DIG_RESP = 24
+K_DIG_PARTIAL = 25
+K_TAU_DIG = 26
+K_SPEC_EFFECT = 27
+K_TAU_SPEC = 28
+K_NS_PROB = 29
+K_NS_RESP = 30
+K_NS_PARTIAL = 31
+K_NS_CHRONIC = 32
+K_TAU_NS = 33
+K_RATE = 34
+K_PROC_SD = 35
+K_ANX_PROC_SD = 36
+K_SR_HAZARD = 37
+K_SR_FACTOR = 38
+K_RELAPSE = 39
+K_RELAPSE_TREATED = 40
+K_RELAPSE_PER_PRIOR = 41
+K_REMISSION = 42
+K_CLASS_SE = 43
+K_AUG_SE = 47
+K_SE_TAU = 48
+K_SE_PERSIST = 49
+K_ADH_LOSS = 50
+K_ADH_FULL = 51
+K_ENG_REVERT = 52
+K_ENG_LOSS = 53
+K_NUDGE = 54
+K_HAB_UNGUIDED = 55
+K_HAB_GUIDED = 56
+K_DIG_START = 57
+K_DIG_DROP_UNGUIDED = 58
+K_DIG_DROP_GUIDED = 59
+K_SUPPORT = 60
+K_DROP_BASE = 61
+K_DROP_SE = 62
+K_DROP_NOIMP = 63
+K_DROP_DISENG = 64
+K_PHQ_SD = 65
+K_GAD_SD = 66
+K_RESP_LOGIT = 67
+K_RESP_ENG = 68
+K_RESP_SEV = 69
+K_SE_REPORT = 70
+K_ADH_REPORT = 71
+K_I9_BASE = 72
+K_I9_SEV = 73
+K_I9_THRESHOLDS = 74
+K_I9_SPEC = 77
+K_WEAR_P = 78
+K_SLEEP_MEAN = 79
+K_SLEEP_SEV = 80
+K_SLEEP_SD = 81
+K_STEPS_MEAN = 82
+K_STEPS_SEV = 83
+K_STEPS_SD = 84
+K_OBS_NOISE = 85
+K_MISSINGNESS = 86
+K_WEARABLES = 87
+K_W_IMPROVE = 88
+K_W_REMISSION = 89
+K_W_SIDE = 90
+K_W_DROPOUT = 91
+K_W_COST = 92
+K_W_INVALID = 93
+K_COSTS = 94
+N_KERNEL_PARAMS = 104
+
+
+def _z(prob: float) -> float:
+    """N(0,1) threshold above which a latent draw responds with probability ``prob``."""
+    return float(ndtri(1.0 - min(max(prob, 1e-9), 1.0 - 1e-9)))
+
+
+def kernel_params(params: SimParams, settings: EnvSettings) -> FloatArray:
+    """SimParams and EnvSettings as the flat float64 array the kernel reads."""
+    return _flatten(_named_kernel_params(params, settings))
+
+
+def _flatten(k: KernelParams) -> FloatArray:
+    flat: list[float] = []
+    names = KernelParams._fields
+    for i, (name, value) in enumerate(zip(names, k, strict=True)):
+        offset = globals()[f"K_{name.upper()}"]
+        end = globals()[f"K_{names[i + 1].upper()}"] if i + 1 < len(names) else N_KERNEL_PARAMS
+        values = value if isinstance(value, tuple) else (value,)
+        if offset != len(flat) or len(values) != end - offset:
+            raise ValueError(f"simulator parameter {name!r} must have {end - offset} value(s), got {value!r}")
+        flat.extend(values)
+    if len(flat) != N_KERNEL_PARAMS:
+        raise AssertionError("kernel parameter layout is stale")
+    return np.asarray(flat, dtype=np.float64)
+
+
+def _named_kernel_params(params: SimParams, settings: EnvSettings) -> KernelParams:
+    r, c, t, e, d, m = (params.response, params.course, params.tolerability, params.engagement,
+                        params.dropout, params.measurement)
+    w = settings.reward_weights
+    return KernelParams(
+        r.resistant_effect_factor, _z(r.drug_responder_prob), r.within_class_correlation,
+        r.resistance_per_failed_step, r.drug_effect_responder, r.drug_effect_partial,
+        tuple(r.class_effect), tuple(r.dose_factor), r.onset_tau_drug,
+        _z(r.augment_responder_prob), r.augment_effect_responder, r.augment_effect_partial,
+        r.onset_tau_augment,
+        _z(r.psychotherapy_responder_prob), r.psychotherapy_effect_responder,
+        r.psychotherapy_effect_partial, r.onset_tau_psychotherapy,
+        _z(r.digital_responder_prob), r.digital_effect_responder, r.digital_effect_partial,
+        r.onset_tau_digital, r.specialist_effect, r.onset_tau_specialist,
+        r.nonspecific_responder_prob, r.nonspecific_effect_responder, r.nonspecific_effect_partial,
+        r.nonspecific_chronic_factor, r.onset_tau_nonspecific,
+        c.approach_rate, c.process_noise_sd, c.anxiety_process_noise_sd,
+        c.spontaneous_remission_hazard, c.spontaneous_remission_factor, c.relapse_hazard,
+        c.relapse_hazard_on_treatment, c.relapse_hazard_per_prior_episode, c.remission_threshold,
+        tuple(t.class_side_effects), t.augment_side_effects, t.side_effect_habituation_tau,
+        t.side_effect_persistent_share, t.adherence_loss_per_side_effect, t.adherence_full_effect,
+        e.revert_rate, e.loss_when_not_improving, e.nudge_boost, e.habituation_unguided,
+        e.habituation_guided, e.digital_start_engagement, e.digital_dropout_base_unguided,
+        e.digital_dropout_base_guided, e.human_support,
+        d.base_logit, d.side_effect_coef, d.no_improvement_coef, d.disengagement_coef,
+        m.phq9_noise_sd, m.gad7_noise_sd, m.response_logit, m.response_engagement_coef,
+        m.response_severity_coef, m.side_effect_report_prob, m.adherence_report_prob,
+        m.item9_base, m.item9_severity_coef, tuple(m.item9_thresholds), m.specialist_item9_reduction,
+        m.wearable_observed_prob, m.sleep_mean, m.sleep_severity_coef, m.sleep_noise_sd,
+        m.steps_mean, m.steps_severity_coef, m.steps_noise_sd,
+        float(settings.observation_noise), float(settings.missingness), float(settings.wearables),
+        w["improvement"], w["remission"], w["side_effects"], w["dropout"], w["cost"], w["invalid_action"],
+        tuple(settings.action_costs[name] for name in ACTION_NAMES),
+    )
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+@numba.njit(cache=True)
+def _onset(weeks: float, tau: float) -> float:
+    return 1.0 - math.exp(-weeks / tau)
+
+
+@numba.njit(cache=True)
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@numba.njit(cache=True)
+def _clip(x: float, lo: float, hi: float) -> float:
+    return min(max(x, lo), hi)
+
+
+@numba.njit(cache=True)
+def _row_hits(s: FloatArray, hits: BoolArray) -> None:
+    """The clinical rules of envs.rules, read from what this patient's observation shows."""
+    rule_hits_scalar(s[O_ITEM9], s[DOSE], s[W_DOSE], s[W_STEP], s[AUG], s[PSY], s[DIG], s[DIG_ACCESS],
+                     s[REF], hits)
+
+
+@numba.njit(cache=True)
+def _observe_row(s: FloatArray, cols: IntArray, positions: IntArray, obs: NDArray[np.float32]) -> None:
+    for j in range(cols.shape[0]):
+        obs[positions[j]] = s[cols[j]]
+    obs[CHANGE_POS] = s[O_PHQ] - s[O_PHQ_H1 + 3]
+
+
+@numba.njit(cache=True)
+def _blocked_bits(hits: BoolArray, blocks: IntArray) -> int:
+    """Bit a is set when some applying rule blocks action a."""
+    bits = 0
+    for r in range(hits.shape[0]):
+        if hits[r]:
+            bits |= blocks[r]
+    return bits
+
+
+@numba.njit(cache=True)
+def _mask_row(s: FloatArray, hits: BoolArray, blocks: IntArray, mask: BoolArray) -> None:
+    _row_hits(s, hits)
+    bits = _blocked_bits(hits, blocks)
+    for a in range(mask.shape[0]):
+        mask[a] = (bits >> a) & 1 == 0
+
+
+@numba.njit(cache=True)
+def _observe_kernel(
+    state: FloatArray, cols: IntArray, positions: IntArray, blocks: IntArray,
+    obs: NDArray[np.float32], mask: BoolArray,
+) -> None:
+    hits = np.zeros(N_RULES, dtype=np.bool_)
+    for i in range(state.shape[0]):
+        _observe_row(state[i], cols, positions, obs[i])
+        _mask_row(state[i], hits, blocks, mask[i])
+
+
+@numba.njit(cache=True)
+def _drug_responder(s: FloatArray, k: FloatArray, z: float) -> float:
+    """Responder to a newly started drug: class latent + this drug's draw vs a threshold
+    that rises with every failed step (treatment resistance builds up)."""
+    cls = int(s[DRUG_CLASS])
+    latent = math.sqrt(k[K_RHO_CLASS]) * s[U_CLASS + cls] + math.sqrt(1.0 - k[K_RHO_CLASS]) * z
+    return 1.0 if latent > k[K_Z_DRUG] + k[K_PER_FAIL] * s[FAILS] else 0.0
+
+
+@numba.njit(cache=True)
+def _apply_action(s: FloatArray, a: int, k: FloatArray, nrm: Noise) -> None:
+    """Start, stop or change treatment as action ``a`` says (in place on a row copy)."""
+    if a == A_RAISE:
+        s[DOSE] = min(s[DOSE] + 1.0, MAX_DOSE_LEVEL)
+        s[W_DOSE] = 0.0
+    elif a == A_WITHIN or a == A_CLASS or a == A_AUGMENT or a == A_PSY:
+        # a new step; the one before failed unless the patient was in remission
+        s[FAILS] += 1.0 - s[IN_REM]
+        s[LEVEL] = min(s[LEVEL] + 1.0, MAX_TREATMENT_LEVEL)
+        s[W_STEP] = 0.0
+        if a == A_WITHIN or a == A_CLASS:
+            if a == A_CLASS:
+                # starting a first drug is a "switch" from none to the first class
+                s[DRUG_CLASS] = 0.0 if s[DRUG_CLASS] < 0 else (s[DRUG_CLASS] + 1.0) % N_CLASSES
+                s[AUG] = 0.0  # a class switch replaces the regimen
+            s[DOSE] = 1.0
+            s[W_DOSE] = 0.0
+            s[W_DRUG] = 0.0
+            s[R_DRUG] = _drug_responder(s, k, nrm[2])
+        elif a == A_AUGMENT:
+            s[AUG] = 1.0
+            s[W_AUG] = 0.0
+            s[R_AUG] = 1.0 if nrm[3] > k[K_Z_AUG] + k[K_PER_FAIL] * s[FAILS] else 0.0
+        else:
+            s[PSY] = 1.0
+            s[W_PSY] = 0.0
+            # drug failures predict psychotherapy response only weakly
+            s[R_PSY] = 1.0 if nrm[4] > k[K_Z_PSY] + 0.5 * k[K_PER_FAIL] * s[FAILS] else 0.0
+    elif a == A_DIG_GUIDED or a == A_DIG_UNGUIDED:
+        s[DIG] = 1.0 if a == A_DIG_GUIDED else 2.0
+        s[W_DIG] = 0.0
+        s[DIG_ENG] = max(s[ENG], k[K_DIG_START])
+        s[R_DIG] = 1.0 if nrm[4] > k[K_Z_DIG] + 0.5 * k[K_PER_FAIL] * s[FAILS] else 0.0
+    elif a == A_NUDGE:
+        s[ENG] += k[K_NUDGE] * (1.0 - s[ENG])
+        if s[DIG] > 0:
+            s[DIG_ENG] += k[K_NUDGE] * (1.0 - s[DIG_ENG])
+    elif a == A_REFER:
+        if s[REF] == 0:
+            s[REF] = 1.0
+            s[W_REF] = 0.0
+
+
+@numba.njit(cache=True)
+def _treatment_factor(s: FloatArray, k: FloatArray) -> float:
+    """Share of the untreated target severity left after all active treatments.
+
+    Each treatment removes a share of what is left (effects saturate); each
+    share is size x responsiveness x onset x adherence or engagement.
+    """
+    left = 1.0
+    if s[DRUG_CLASS] >= 0:
+        cls = int(s[DRUG_CLASS])
+        adherence = min(s[ADH] / k[K_ADH_FULL], 1.0)
+        size = k[K_DRUG_RESP] if s[R_DRUG] > 0 else k[K_DRUG_PARTIAL]
+        left *= 1.0 - size * k[K_CLASS_EFFECT + cls] * k[K_DOSE_FACTOR + int(s[DOSE])] * adherence * _onset(
+            s[W_DRUG], k[K_TAU_DRUG])
+        if s[AUG] > 0:
+            size = k[K_AUG_RESP] if s[R_AUG] > 0 else k[K_AUG_PARTIAL]
+            left *= 1.0 - size * adherence * _onset(s[W_AUG], k[K_TAU_AUG])
+    if s[PSY] > 0:  # works through attendance
+        size = k[K_PSY_RESP] if s[R_PSY] > 0 else k[K_PSY_PARTIAL]
+        left *= 1.0 - size * min(s[ENG] / 0.7, 1.0) * _onset(s[W_PSY], k[K_TAU_PSY])
+    if s[DIG] > 0:  # works through engagement with the programme
+        size = k[K_DIG_RESP] if s[R_DIG] > 0 else k[K_DIG_PARTIAL]
+        left *= 1.0 - size * s[DIG_ENG] * _onset(s[W_DIG], k[K_TAU_DIG])
+    if s[REF] > 0:
+        left *= 1.0 - k[K_SPEC_EFFECT] * _onset(s[W_REF], k[K_TAU_SPEC])
+    if s[TR] > 0:  # a treatment-resistant patient gets a fraction of every effect
+        left = 1.0 - k[K_TR_FACTOR] * (1.0 - left)
+    size = k[K_NS_RESP] if s[NS_RESP] > 0 else k[K_NS_PARTIAL]
+    nonspecific = size * (k[K_NS_CHRONIC] if s[CHRON] > 0 else 1.0) * _onset(s[T], k[K_TAU_NS])
+    return left * (1.0 - nonspecific)
+
+
+@numba.njit(cache=True)
+def _measure(s: FloatArray, k: FloatArray, nrm: Noise, unf: Noise, intake: bool) -> None:
+    """Noisy, missing-not-at-random measurements; values carried forward when missing.
+
+    ``nrm`` holds 7 normals (sleep, steps, PHQ-9, GAD-7, item 9, side effects,
+    adherence) and ``unf`` 5 uniforms (questionnaire, side-effect report,
+    adherence report, sleep, steps); at intake everything is observed.
+    """
+    noise = k[K_OBS_NOISE]
+    if not intake:  # weekly history: H4 <- H3 <- H2 <- H1 <- current
+        for j in range(3, 0, -1):
+            s[O_PHQ_H1 + j] = s[O_PHQ_H1 + j - 1]
+        s[O_PHQ_H1] = s[O_PHQ]
+    p_answer = _sigmoid(k[K_RESP_LOGIT] + k[K_RESP_ENG] * (s[ENG] - 0.7) + k[K_RESP_SEV] * (s[SEV] - 14.0) / 10.0)
+    questionnaire = intake or unf[0] >= _clip((1.0 - p_answer) * k[K_MISSINGNESS], 0.0, 1.0)
+    on_drug = s[DRUG_CLASS] >= 0
+    se_reported = on_drug and (intake or unf[1] >= _clip((1.0 - k[K_SE_REPORT]) * k[K_MISSINGNESS], 0.0, 1.0))
+    adh_reported = on_drug and (intake or unf[2] >= _clip((1.0 - k[K_ADH_REPORT]) * k[K_MISSINGNESS], 0.0, 1.0))
+    wear_p = _clip(1.0 - (1.0 - k[K_WEAR_P]) * k[K_MISSINGNESS], 0.0, 1.0) * k[K_WEARABLES] * (0.6 + 0.4 * s[ENG])
+    sleep_seen = unf[3] < wear_p
+    steps_seen = unf[4] < wear_p
+    if questionnaire:
+        phq = _clip(round(s[SEV] + noise * k[K_PHQ_SD] * nrm[2]), 0.0, 27.0)
+        s[O_PHQ] = phq
+        s[O_GAD] = _clip(round(s[ANX] + noise * k[K_GAD_SD] * nrm[3]), 0.0, 21.0)
+        latent = k[K_I9_BASE] + k[K_I9_SEV] * (s[SEV] - 14.0) + s[SUIC] - k[K_I9_SPEC] * s[REF] + nrm[4]
+        item9 = 0.0
+        for j in range(3):
+            if latent > k[K_I9_THRESHOLDS + j]:
+                item9 += 1.0
+        s[O_ITEM9] = min(item9, phq)  # item 9 is part of the total
+        s[O_WSM] = 0.0
+    else:
+        s[O_WSM] += 1.0
+    if se_reported:
+        s[O_SE] = _clip(round(s[SIDE_EFF] + noise * nrm[5]), 0.0, 10.0)
+    if adh_reported:
+        s[O_ADH] = _clip(s[ADH] + noise * 0.08 * nrm[6], 0.0, 1.0)
+    if sleep_seen:
+        sleep = k[K_SLEEP_MEAN] + k[K_SLEEP_SEV] * (s[SEV] - 14.0) + noise * k[K_SLEEP_SD] * nrm[0]
+        s[O_SLEEP] = _clip(sleep, 2.0, 14.0)
+    if steps_seen:
+        steps = k[K_STEPS_MEAN] + k[K_STEPS_SEV] * (s[SEV] - 14.0) + noise * k[K_STEPS_SD] * nrm[1]
+        s[O_STEPS] = _clip(steps, 0.0, 40.0)
+    s[M_PHQ + 0] = questionnaire
+    s[M_PHQ + 1] = questionnaire
+    s[M_PHQ + 2] = questionnaire
+    s[M_PHQ + 3] = se_reported
+    s[M_PHQ + 4] = adh_reported
+    s[M_PHQ + 5] = sleep_seen
+    s[M_PHQ + 6] = steps_seen
+    if intake:
+        for j in range(4):
+            s[O_PHQ_H1 + j] = s[O_PHQ]
+        s[O_PHQ0] = s[O_PHQ]
+
+
+@numba.njit(cache=True)
+def _intake_kernel(state: FloatArray, normals: Noise, k: FloatArray) -> None:
+    unf = np.zeros(5, dtype=np.float32)
+    for i in range(state.shape[0]):
+        _measure(state[i], k, normals[i], unf, True)
+
+
+@numba.njit(cache=True)
+def _step_kernel(
+    state: FloatArray,
+    actions: IntArray,
+    normals: Noise,
+    uniforms: Noise,
+    k: FloatArray,
+    blocks: IntArray,
+    cols: IntArray,
+    positions: IntArray,
+    out: FloatArray,
+    reward: FloatArray,
+    invalid: BoolArray,
+    obs: NDArray[np.float32],
+    mask: BoolArray,
+) -> None:
+    hits = np.zeros(N_RULES, dtype=np.bool_)
+    for i in range(state.shape[0]):
+        s = out[i]
+        s[:] = state[i]
+        reward[i] = 0.0
+        invalid[i] = False
+        if s[DROPPED] == 0:  # patients who left care stay as they were
+            invalid[i], reward[i] = _step_row(s, actions[i], normals[i], uniforms[i], k, blocks, hits)
+        _observe_row(s, cols, positions, obs[i])
+        _mask_row(s, hits, blocks, mask[i])
+
+
+@numba.njit(cache=True)
+def _step_row(
+    s: FloatArray, a: int, nrm: Noise, unf: Noise, k: FloatArray, blocks: IntArray, hits: BoolArray
+) -> tuple[bool, float]:
+    """One patient, one week; returns (action was blocked, reward)."""
+    _row_hits(s, hits)
+    blocked = (_blocked_bits(hits, blocks) >> a) & 1 == 1
+    if blocked:
+        a = A_CONTINUE
+    prev_sev = s[SEV]
+    _apply_action(s, a, k, nrm)
+
+    # time passes
+    on_drug = s[DRUG_CLASS] >= 0
+    s[T] += 1.0
+    s[W_STEP] += 1.0
+    if on_drug:
+        s[W_DRUG] += 1.0
+        s[W_DOSE] += 1.0
+    s[W_AUG] += s[AUG]
+    s[W_PSY] += s[PSY]
+    s[W_DIG] += 1.0 if s[DIG] > 0 else 0.0
+    s[W_REF] += s[REF]
+
+    # natural course: spontaneous remission (not in chronic episodes), relapse after remission
+    if s[CHRON] == 0 and unf[0] < k[K_SR_HAZARD]:
+        s[NAT] = min(s[NAT], k[K_SR_FACTOR] * s[SEV0])
+    treated = on_drug or s[PSY] > 0
+    hazard = (k[K_RELAPSE_TREATED] if treated else k[K_RELAPSE]) * (1.0 + k[K_RELAPSE_PER_PRIOR] * s[PRIOR])
+    if s[IN_REM] > 0 and unf[1] < hazard:
+        s[NAT] = s[SEV0]
+        s[R_DRUG] = 0.0  # loss of response to the current drug
+        s[IN_REM] = 0.0
+
+    # tolerability and adherence
+    side = 0.0
+    if on_drug:
+        fade = k[K_SE_PERSIST] + (1.0 - k[K_SE_PERSIST]) * math.exp(-s[W_DOSE] / k[K_SE_TAU])
+        side = k[K_CLASS_SE + int(s[DRUG_CLASS])] * s[DOSE] / MAX_DOSE_LEVEL * fade + k[K_AUG_SE] * s[AUG]
+    s[SIDE_EFF] = _clip(side * s[SE_SENS], 0.0, 10.0)
+    s[ADH] = _clip(s[ADH_PROP] - k[K_ADH_LOSS] * s[SIDE_EFF], 0.0, 1.0)
+
+    # engagement, digital habituation and programme dropout
+    not_improving = s[T] > 4 and s[SEV] > 0.8 * s[SEV0]
+    # human contact (psychotherapy, guided digital CBT, specialist care) supports engagement
+    human = s[PSY] > 0 or s[DIG] == 1 or s[REF] > 0
+    eng_target = min(s[ENG_BASE] + (k[K_SUPPORT] if human else 0.0), 1.0)
+    s[ENG] = _clip(s[ENG] + k[K_ENG_REVERT] * (eng_target - s[ENG]) - k[K_ENG_LOSS] * not_improving, 0.0, 1.0)
+    if s[DIG] > 0:
+        guided = s[DIG] == 1
+        s[DIG_ENG] *= 1.0 - (k[K_HAB_GUIDED] if guided else k[K_HAB_UNGUIDED])
+        base = k[K_DIG_DROP_GUIDED] if guided else k[K_DIG_DROP_UNGUIDED]
+        if unf[2] < base * (1.3 - s[DIG_ENG]):
+            s[DIG] = 0.0
+            s[DIG_ENG] = 0.0
+            s[DIG_DROPOUTS] += 1.0
+
+    # severity and anxiety move toward their treated targets
+    factor = _treatment_factor(s, k)
+    target = s[NAT] * factor
+    s[SEV] = _clip(s[SEV] + k[K_RATE] * (target - s[SEV]) + k[K_PROC_SD] * nrm[0], 0.0, 27.0)
+    anx_target = s[ANX0] * factor * s[NAT] / max(s[SEV0], 1.0)
+    s[ANX] = _clip(s[ANX] + k[K_RATE] * (anx_target - s[ANX]) + k[K_ANX_PROC_SD] * nrm[1], 0.0, 21.0)
+    s[IN_REM] = 1.0 if s[SEV] < k[K_REMISSION] else 0.0
+
+    # leaving care
+    logit = (k[K_DROP_BASE] + s[DROP_PROP] + k[K_DROP_SE] * s[SIDE_EFF] + k[K_DROP_NOIMP] * not_improving
+             + k[K_DROP_DISENG] * (1.0 - s[ENG]))
+    dropped = unf[3] < _sigmoid(logit)
+    s[DROPPED] = 1.0 if dropped else 0.0
+
+    _measure(s, k, nrm[_MEASURE_NORMAL:], unf[_MEASURE_UNIFORM:], False)
+
+    reward = (
+        k[K_W_IMPROVE] * (prev_sev - s[SEV])
+        + k[K_W_REMISSION] * s[IN_REM]
+        - k[K_W_SIDE] * s[SIDE_EFF]
+        - k[K_W_DROPOUT] * dropped
+        - k[K_W_COST] * k[K_COSTS + a]
+        - k[K_W_INVALID] * blocked
+    )
+    return blocked, reward
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _block_bits() -> IntArray:
+    """Per rule, the blocked actions as a bit set (bit a = action a)."""
+    from envs.rules import BLOCKS
+
+    return (BLOCKS.astype(np.int64) << np.arange(N_ACTIONS, dtype=np.int64)).sum(axis=1)
+
+
+_BLOCKS = _block_bits()
+assert _BLOCKS.shape == (N_RULES,)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one batched step returns (all arrays have n rows)."""
+
+    state: FloatArray
+    obs: NDArray[np.float32]  # observation of the new state
+    mask: BoolArray  # actions allowed in the new state
+    reward: FloatArray
+    terminated: BoolArray  # left care this week (or before)
+    invalid: BoolArray  # the action was blocked (replaced by continue and penalised)
+
+
+def initial_state(
+    n: int,
+    params: SimParams,
+    settings: EnvSettings,
+    rng: np.random.Generator,
+    kparams: FloatArray | None = None,
+) -> FloatArray:
+    """Sample ``n`` new patients at intake (week 0), with their intake assessment."""
+    pop, resp = params.population, params.response
+    k = kparams if kparams is not None else kernel_params(params, settings)
+    het = settings.heterogeneity
+    s = np.zeros((n, N_STATE))
+
+    sev0 = pop.severity_mean + het * pop.severity_sd * rng.standard_normal(n)
+    sev0 = np.clip(sev0, pop.severity_min, 27.0)
+    s[:, SEV] = s[:, SEV0] = s[:, NAT] = sev0
+    anx0 = pop.anxiety_slope * sev0 + het * pop.anxiety_sd * rng.standard_normal(n)
+    s[:, ANX] = s[:, ANX0] = np.clip(anx0, 0.0, 21.0)
+    s[:, CHRON] = rng.random(n) < pop.chronic_share
+    s[:, TR] = rng.random(n) < resp.treatment_resistant_share
+    s[:, NS_RESP] = rng.random(n) < resp.nonspecific_responder_prob
+    s[:, U_CLASS : U_CLASS + N_CLASSES] = het * rng.standard_normal((n, N_CLASSES))
+    s[:, PRIOR] = np.minimum(rng.poisson(pop.prior_episodes_mean, n), 5)
+    s[:, AGE_BAND] = rng.choice(len(pop.age_band_probs), size=n, p=np.asarray(pop.age_band_probs))
+    s[:, SEX] = rng.random(n) < pop.male_share
+    access = np.where(s[:, AGE_BAND] == 3, pop.digital_access_over_60, pop.digital_access)
+    s[:, DIG_ACCESS] = rng.random(n) < access
+
+    def spread(draw: FloatArray, mean: float) -> FloatArray:
+        # heterogeneity scales each trait's distance from its population mean
+        return mean + het * (draw - mean)
+
+    a, b = pop.adherence_beta
+    s[:, ADH_PROP] = s[:, ADH] = spread(rng.beta(a, b, n), a / (a + b))
+    s[:, SE_SENS] = np.exp(het * pop.side_effect_sensitivity_sd * rng.standard_normal(n))
+    a, b = pop.engagement_beta
+    s[:, ENG_BASE] = s[:, ENG] = spread(rng.beta(a, b, n), a / (a + b))
+    s[:, DROP_PROP] = het * pop.dropout_propensity_sd * rng.standard_normal(n)
+    s[:, SUIC] = het * 0.8 * rng.standard_normal(n)
+
+    s[:, DRUG_CLASS] = -1.0
+    s[:, LEVEL] = 1.0
+    z_drug = rng.standard_normal(n)  # drawn either way: common random numbers
+    if settings.initial_treatment == "ssri":
+        s[:, DRUG_CLASS] = 0.0
+        s[:, DOSE] = 1.0
+        rho = k[K_RHO_CLASS]
+        s[:, R_DRUG] = np.sqrt(rho) * s[:, U_CLASS] + np.sqrt(1 - rho) * z_drug > k[K_Z_DRUG]
+
+    _intake_kernel(s, rng.standard_normal((n, N_NORMAL - _MEASURE_NORMAL), dtype=np.float32), k)
+    return s
+
+
+def observe_and_mask(s: FloatArray) -> tuple[NDArray[np.float32], BoolArray]:
+    """Observation (FEATURE_NAMES order) and allowed actions of every patient."""
+    n = len(s)
+    obs = np.empty((n, N_FEATURES), dtype=np.float32)
+    mask = np.empty((n, N_ACTIONS), dtype=np.bool_)
+    _observe_kernel(np.ascontiguousarray(s), _OBS_STATE_COLS, _OBS_POSITIONS, _BLOCKS, obs, mask)
+    return obs, mask
+
+
+def observe(s: FloatArray) -> NDArray[np.float32]:
+    """The observation vector of every patient, in FEATURE_NAMES order."""
+    return observe_and_mask(s)[0]
+
+
+def mask_from_state(s: FloatArray) -> BoolArray:
+    """Allowed actions now, from what is observable (the rules of envs.rules)."""
+    return observe_and_mask(s)[1]
+
+
+def step(
+    state: FloatArray,
+    actions: Any,
+    params: SimParams,
+    settings: EnvSettings,
+    rng: np.random.Generator,
+    kparams: FloatArray | None = None,
+) -> StepResult:
+    """Advance every patient by one week under ``actions`` (shape (n,)).
+
+    Patients who already left care come back unchanged with zero reward. A
+    blocked action raises ``ValueError`` naming the rule, or, with
+    ``settings.invalid_action == "penalize"``, counts as ``continue`` with a
+    penalty. Pass ``kparams`` (from :func:`kernel_params`) to skip rebuilding it.
+    """
+    n = len(state)
+    actions = np.asarray(actions)
+    if actions.shape != (n,):
+        raise ValueError(f"expected one action per patient, shape ({n},), got {actions.shape}")
+    if actions.dtype.kind not in "iu":
+        if actions.dtype.kind != "f" or not np.all(np.isfinite(actions) & (actions == np.round(actions))):
+            raise ValueError(f"actions must be integers 0..{N_ACTIONS - 1}, got {actions!r}")
+    if n and (actions.min() < 0 or actions.max() >= N_ACTIONS):
+        bad = actions[(actions < 0) | (actions >= N_ACTIONS)][0]
+        raise ValueError(f"action {bad} is outside the action space 0..{N_ACTIONS - 1}")
+    k = kparams if kparams is not None else kernel_params(params, settings)
+    # float32 noise: ~40 % cheaper to draw, and ample resolution for weekly noise
+    normals = rng.standard_normal((n, N_NORMAL), dtype=np.float32)
+    uniforms = rng.random((n, N_UNIFORM), dtype=np.float32)
+    out = np.empty_like(state)
+    reward = np.empty(n)
+    invalid = np.empty(n, dtype=np.bool_)
+    obs = np.empty((n, N_FEATURES), dtype=np.float32)
+    mask = np.empty((n, N_ACTIONS), dtype=np.bool_)
+    _step_kernel(np.ascontiguousarray(state), actions.astype(np.int64, copy=False), normals, uniforms, k,
+                 _BLOCKS, _OBS_STATE_COLS, _OBS_POSITIONS, out, reward, invalid, obs, mask)
+    if settings.invalid_action == "raise" and invalid.any():
+        row = int(np.flatnonzero(invalid)[0])
+        name = ACTION_NAMES[int(actions[row])]
+        rules = blocking_rules(observe(state[row : row + 1])[0])[name]
+        raise ValueError(
+            f"action {int(actions[row])} ({name}) is not allowed for patient row {row} now: "
+            + "; ".join(r.description for r in rules)
+        )
+    return StepResult(state=out, obs=obs, mask=mask, reward=reward, terminated=out[:, DROPPED] > 0,
+                      invalid=invalid)
+
+
+def remeasure(state: FloatArray, settings: EnvSettings, rng: np.random.Generator,
+              kparams: FloatArray) -> FloatArray:
+    """The same patients assessed again (same true state, fresh measurement noise,
+    nothing missing): for retest reliability and trial-style assessments."""
+    s = np.ascontiguousarray(state).copy()
+    _intake_kernel(s, rng.standard_normal((len(s), N_NORMAL - _MEASURE_NORMAL), dtype=np.float32), kparams)
+    return s

@@ -1,0 +1,139 @@
+"""Fit the simulator's free parameters to the calibration table.
+
+A bounded Nelder-Mead search over the parameters marked "fitted" in
+``envs/params/default.yaml``. Every evaluation reruns the calibration
+protocols with the same seeds (common random numbers), so the objective
+changes only through the parameters and the search does not chase noise.
+The objective is the sum over targets of the squared distance from the
+band's centre in units of its half-width: inside every band means each
+term is below 1.
+
+Run ``python -m evaluation.calibration_fit --help``. It prints the fitted
+values and writes a report (``envs/params/fit_report.json``); copy the
+values into the YAML by hand so that every change to the model is reviewed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.optimize import minimize
+
+from envs.params import DEFAULT_PARAMS_PATH, SimParams, load_params
+from evaluation.calibration import CalibrationSizes, Target, calibrate
+
+#: parameter -> (low, high) bounds of the search
+FREE_PARAMETERS: dict[str, tuple[float, float]] = {
+    "response.drug_responder_prob": (0.15, 0.75),
+    "response.drug_effect_responder": (0.4, 0.95),
+    "response.drug_effect_partial": (0.0, 0.35),
+    "response.nonspecific_responder_prob": (0.15, 0.75),
+    "response.nonspecific_effect_responder": (0.2, 0.8),
+    "response.nonspecific_effect_partial": (0.0, 0.3),
+    "response.nonspecific_chronic_factor": (0.0, 1.0),
+    "response.treatment_resistant_share": (0.05, 0.4),
+    "response.resistance_per_failed_step": (0.0, 1.0),
+    "response.augment_responder_prob": (0.1, 0.7),
+    "response.psychotherapy_responder_prob": (0.15, 0.75),
+    "response.psychotherapy_effect_responder": (0.2, 0.8),
+    "response.onset_tau_drug": (1.0, 5.0),
+    "course.spontaneous_remission_hazard": (0.0, 0.02),
+    "course.approach_rate": (0.15, 0.7),
+    "dropout.base_logit": (-7.0, -4.0),
+    "engagement.digital_dropout_base_unguided": (0.005, 0.15),
+    "engagement.digital_dropout_base_guided": (0.0005, 0.04),
+    "engagement.habituation_unguided": (0.0, 0.25),
+}
+
+DEFAULT_REPORT = DEFAULT_PARAMS_PATH.with_name("fit_report.json")
+
+
+def _to_unit(value: float, low: float, high: float) -> float:
+    p = min(max((value - low) / (high - low), 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))
+
+
+def _from_unit(x: float, low: float, high: float) -> float:
+    return low + (high - low) / (1.0 + math.exp(-x))
+
+
+def objective(targets: list[Target]) -> float:
+    total = 0.0
+    for t in targets:
+        centre, half = (t.low + t.high) / 2, (t.high - t.low) / 2
+        total += ((t.value - centre) / half) ** 2
+    return total
+
+
+def _current(params: SimParams, name: str) -> float:
+    section, field = name.split(".")
+    return float(getattr(getattr(params, section), field))
+
+
+def fit(
+    base: SimParams, sizes: CalibrationSizes, max_evals: int, seed: int = 2026, verbose: bool = True
+) -> tuple[dict[str, float], list[Target], float]:
+    names = list(FREE_PARAMETERS)
+    x0 = np.array([_to_unit(_current(base, n), *FREE_PARAMETERS[n]) for n in names])
+    best: dict[str, Any] = {"loss": math.inf}
+    evals = 0
+    started = time.perf_counter()
+
+    def loss(x: np.ndarray) -> float:
+        nonlocal evals
+        evals += 1
+        values = {n: _from_unit(float(v), *FREE_PARAMETERS[n]) for n, v in zip(names, x, strict=True)}
+        targets = calibrate(base.replace(values), sizes, seed)
+        value = objective(targets)
+        if value < best["loss"]:
+            best.update(loss=value, values=values, targets=targets)
+            if verbose:
+                inside = sum(t.inside for t in targets)
+                print(f"eval {evals:4d}  loss {value:8.3f}  inside {inside}/{len(targets)}  "
+                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+        return value
+
+    # A wide initial simplex (one logit unit per parameter): the default 5 %
+    # steps crawl in this many dimensions.
+    simplex = np.vstack([x0, x0 + np.eye(len(x0))])
+    minimize(loss, x0, method="Nelder-Mead",
+             options={"maxfev": max_evals, "xatol": 1e-3, "fatol": 1e-3, "adaptive": True,
+                      "initial_simplex": simplex})
+    return best["values"], best["targets"], best["loss"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--evals", type=int, default=300, help="maximum objective evaluations (default 300)")
+    parser.add_argument("--stard", type=int, default=8000, help="patients in the STAR*D protocol per evaluation")
+    parser.add_argument("--rct", type=int, default=12000, help="patients screened per trial arm per evaluation")
+    parser.add_argument("--digital", type=int, default=4000, help="patients per digital arm per evaluation")
+    parser.add_argument("--report", type=Path, default=DEFAULT_REPORT, help="where to write the fit report")
+    args = parser.parse_args(argv)
+    base = load_params()
+    sizes = CalibrationSizes(args.stard, args.rct, args.digital)
+    values, targets, value = fit(base, sizes, args.evals)
+    report = {
+        "objective": value,
+        "sizes": dataclasses.asdict(sizes),
+        "fitted": {n: round(v, 4) for n, v in values.items()},
+        "bounds": FREE_PARAMETERS,
+        "targets": [t.as_dict() for t in targets],
+    }
+    tmp = args.report.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(args.report)
+    for n, v in values.items():
+        print(f"{n} = {v:.4f}")
+    print(f"report written to {args.report}")
+
+
+if __name__ == "__main__":
+    main()
