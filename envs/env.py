@@ -112,8 +112,7 @@ class CarePathEnv(gym.Env[ObsType, np.int64]):
         if self._state is None:
             raise RuntimeError("call reset() before step()")
         a = validate_action(action)
-        result = D.step(self._state, np.array([a], dtype=np.int64), self.params, self.settings, self.np_random,
-                        self._k)
+        result = D.step_unchecked(self._state, np.array([a], dtype=np.int64), self.settings, self.np_random, self._k)
         self._state = result.state
         self._mask = result.mask[0]
         self._last_action = a

@@ -113,6 +113,7 @@ class Dropout:
     side_effect_coef: float
     no_improvement_coef: float
     disengagement_coef: float
+    failed_step_coef: float
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,7 @@ RULE_FEATURES: tuple[str, ...] = (
 _RULE_FEATURE_IDX = np.array([FEATURE_INDEX[f] for f in RULE_FEATURES], dtype=np.int64)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def rule_hits_scalar(
     item9: float,
     dose: float,
@@ -137,7 +137,7 @@ def rule_hits_scalar(
     hits[9] = in_specialist_care > 0 and not high_item9
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _rule_hits_kernel(values: NDArray[np.float64], hits: NDArray[np.bool_]) -> None:
     for i in range(values.shape[0]):
         v = values[i]

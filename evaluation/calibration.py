@@ -40,9 +40,13 @@ class Target:
     source: str
     n: int  # patients the figure rests on
 
+    def __post_init__(self) -> None:
+        # plain floats: values computed with numpy must serialise as JSON
+        object.__setattr__(self, "value", float(self.value))
+
     @property
     def inside(self) -> bool:
-        return self.low <= self.value <= self.high
+        return bool(self.low <= self.value <= self.high)
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "inside": self.inside}
@@ -112,7 +116,9 @@ def _stard_targets(params: SimParams, n: int, seed: int) -> list[Target]:
 
     rates: list[float] = []
     counts: list[int] = []
+    attrition: list[float] = []
     level1_exit = None
+    weeks_run = sev.shape[0] - 1
     for lvl in range(1, 5):
         on_level = (level == lvl) & (wstep <= 14) & valid
         entered = on_level.any(axis=0)
@@ -121,6 +127,9 @@ def _stard_targets(params: SimParams, n: int, seed: int) -> list[Target]:
         remitted = assess[exit_t[idx], idx] < 5
         rates.append(float(remitted.mean()))
         counts.append(len(idx))
+        # left care while on this level: in care at the last week on it, gone the week after
+        after = np.minimum(exit_t[idx] + 1, weeks_run)
+        attrition.append(float((~valid[after, idx] & (exit_t[idx] < weeks_run)).mean()))
         if lvl == 1:
             level1_exit = exit_t
     assert level1_exit is not None
@@ -156,6 +165,10 @@ def _stard_targets(params: SimParams, n: int, seed: int) -> list[Target]:
         tol = 6.0 if lvl <= 2 else 5.0
         out.append(Target(f"remission_level{lvl}_of4", f"remission at level {lvl} (reported {rep} %)",
                           100 * rate, rep - tol, rep + tol, "%", rush, count))
+    out.append(Target("attrition_level1", "leaving care during level 1 (up to 14 weeks)", 100 * attrition[0],
+                      21, 31, "%", "STAR*D level 1 (Warden 2007: 26 %)", n))
+    out.append(Target("attrition_level2", "leaving care during level 2", 100 * attrition[1], 19, 29, "%",
+                      "STAR*D level 2 (Warden 2009: 20 % augment, 27 % switch)", counts[1]))
     out.append(Target("cumulative_remission", "cumulative remission over 4 levels (reported 67 %)",
                       100 * cumulative, 55, 70, "%", rush, n))
     out.append(Target("late_remitters_level1", "share of level-1 remitters who remit after week 8",

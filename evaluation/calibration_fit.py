@@ -5,8 +5,9 @@ A bounded Nelder-Mead search over the parameters marked "fitted" in
 protocols with the same seeds (common random numbers), so the objective
 changes only through the parameters and the search does not chase noise.
 The objective is the sum over targets of the squared distance from the
-band's centre in units of its half-width: inside every band means each
-term is below 1.
+band's centre in units of its half-width (inside a band: below 1), plus a
+steep penalty for coming within 15 % of a band's edge or leaving it, so
+the search trades centrality for being inside every band.
 
 Run ``python -m evaluation.calibration_fit --help``. It prints the fitted
 values and writes a report (``envs/params/fit_report.json``); copy the
@@ -32,21 +33,26 @@ from evaluation.calibration import CalibrationSizes, Target, calibrate
 #: parameter -> (low, high) bounds of the search
 FREE_PARAMETERS: dict[str, tuple[float, float]] = {
     "response.drug_responder_prob": (0.15, 0.75),
-    "response.drug_effect_responder": (0.4, 0.95),
+    "response.drug_effect_responder": (0.4, 0.99),
     "response.drug_effect_partial": (0.0, 0.35),
     "response.nonspecific_responder_prob": (0.15, 0.75),
-    "response.nonspecific_effect_responder": (0.2, 0.8),
+    "response.nonspecific_effect_responder": (0.2, 0.95),
     "response.nonspecific_effect_partial": (0.0, 0.3),
     "response.nonspecific_chronic_factor": (0.0, 1.0),
-    "response.treatment_resistant_share": (0.05, 0.4),
-    "response.resistance_per_failed_step": (0.0, 1.0),
+    "response.treatment_resistant_share": (0.0, 0.4),
+    "response.resistance_per_failed_step": (0.0, 2.0),
     "response.augment_responder_prob": (0.1, 0.7),
     "response.psychotherapy_responder_prob": (0.15, 0.75),
     "response.psychotherapy_effect_responder": (0.2, 0.8),
     "response.onset_tau_drug": (1.0, 5.0),
+    "response.onset_tau_nonspecific": (1.0, 8.0),
     "course.spontaneous_remission_hazard": (0.0, 0.02),
-    "course.approach_rate": (0.15, 0.7),
-    "dropout.base_logit": (-7.0, -4.0),
+    "course.approach_rate": (0.15, 0.95),
+    "dropout.base_logit": (-9.0, -3.0),
+    "population.dropout_propensity_sd": (0.1, 2.5),
+    "dropout.disengagement_coef": (0.5, 8.0),
+    "engagement.human_support": (0.0, 0.4),
+    "dropout.failed_step_coef": (0.0, 1.5),
     "engagement.digital_dropout_base_unguided": (0.005, 0.15),
     "engagement.digital_dropout_base_guided": (0.0005, 0.04),
     "engagement.habituation_unguided": (0.0, 0.25),
@@ -68,7 +74,8 @@ def objective(targets: list[Target]) -> float:
     total = 0.0
     for t in targets:
         centre, half = (t.low + t.high) / 2, (t.high - t.low) / 2
-        total += ((t.value - centre) / half) ** 2
+        distance = abs(t.value - centre) / half
+        total += distance**2 + 20.0 * max(0.0, distance - 0.85) ** 2
     return total
 
 
@@ -77,8 +84,26 @@ def _current(params: SimParams, name: str) -> float:
     return float(getattr(getattr(params, section), field))
 
 
+def write_report(path: Path, values: dict[str, float], targets: list[Target], loss: float,
+                 sizes: CalibrationSizes, evals: int) -> None:
+    """The fit report, written atomically (temporary name, then rename)."""
+    report = {
+        "objective": loss,
+        "evaluations": evals,
+        "sizes": dataclasses.asdict(sizes),
+        "fitted": {n: round(v, 4) for n, v in values.items()},
+        "bounds": FREE_PARAMETERS,
+        "targets": [t.as_dict() for t in targets],
+    }
+    text = json.dumps(report, indent=2)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def fit(
-    base: SimParams, sizes: CalibrationSizes, max_evals: int, seed: int = 2026, verbose: bool = True
+    base: SimParams, sizes: CalibrationSizes, max_evals: int, seed: int = 2026, verbose: bool = True,
+    report: Path | None = None,
 ) -> tuple[dict[str, float], list[Target], float]:
     names = list(FREE_PARAMETERS)
     x0 = np.array([_to_unit(_current(base, n), *FREE_PARAMETERS[n]) for n in names])
@@ -94,6 +119,8 @@ def fit(
         value = objective(targets)
         if value < best["loss"]:
             best.update(loss=value, values=values, targets=targets)
+            if report is not None:  # every improvement is saved: an interrupted fit loses nothing
+                write_report(report, values, targets, value, sizes, evals)
             if verbose:
                 inside = sum(t.inside for t in targets)
                 print(f"eval {evals:4d}  loss {value:8.3f}  inside {inside}/{len(targets)}  "
@@ -119,17 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     base = load_params()
     sizes = CalibrationSizes(args.stard, args.rct, args.digital)
-    values, targets, value = fit(base, sizes, args.evals)
-    report = {
-        "objective": value,
-        "sizes": dataclasses.asdict(sizes),
-        "fitted": {n: round(v, 4) for n, v in values.items()},
-        "bounds": FREE_PARAMETERS,
-        "targets": [t.as_dict() for t in targets],
-    }
-    tmp = args.report.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.report)
+    values, _, _ = fit(base, sizes, args.evals, report=args.report)
     for n, v in values.items():
         print(f"{n} = {v:.4f}")
     print(f"report written to {args.report}")

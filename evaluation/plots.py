@@ -37,7 +37,7 @@ def plot_trajectories_by_responder_type(
     groups = {
         "responder to the first SSRI": ~tr & first_drug,
         "responder to care itself (non-specific)": ~tr & ~first_drug & ns,
-        "non-responder to the first SSRI": ~tr & ~first_drug & ~ns,
+        "non-responder to the first SSRI and to care alone": ~tr & ~first_drug & ~ns,
         "treatment-resistant": tr,
     }
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)

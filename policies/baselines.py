@@ -50,7 +50,8 @@ class StardPolicy:
     A step is judged only on a PHQ-9 measured that week (a carried-forward
     score may be stale), and a patient who responded without remitting
     chooses follow-up instead of the next level half of the time, as STAR*D
-    allowed.
+    allowed. After week 14 of a step the patient is in follow-up: only a
+    relapse (PHQ-9 >= 10) brings a further step, not one noisy score of 5.
     """
 
     epsilon: float = 0.0
@@ -58,6 +59,8 @@ class StardPolicy:
     nonresponse_at_least: float = 10.0  # PHQ-9 >= 10 (QIDS-SR >= 9)
     intolerable_side_effects: float = 7.0  # burden 0-10
     exit_week: int = 12
+    follow_up_after: int = 14
+    relapse_at_least: float = 10.0
     responder_follow_up: float = 0.5
     name: str = "stard"
 
@@ -77,7 +80,8 @@ class StardPolicy:
         probs[:, Action.CONTINUE] = 1.0
 
         visit = np.isin(week, STARD_VISITS) | (week > max(STARD_VISITS)) & (week % 2 == 0)
-        not_remitted = phq >= self.remission_below
+        follow_up = week > self.follow_up_after
+        not_remitted = np.where(follow_up, phq >= self.relapse_at_least, phq >= self.remission_below)
         can_raise = mask[:, Action.RAISE_DOSE] & (side < 6)
         intolerant = (side >= self.intolerable_side_effects) & (week >= 2)
         # raise at visits from week 4 on while not remitted and tolerated
