@@ -1,0 +1,285 @@
+"""Policy bundles: a folder with ``bundle.json`` and ``weights.safetensors``.
+
+``bundle.json`` names the algorithm, the feature and action names the
+network was trained on, its architecture, how it picks actions, the
+resolved training config, the data and code versions, evaluation results
+and the sha256 of the weights. :func:`load` rebuilds the network from it
+with :mod:`policies.networks` and reads the weights with safetensors: no
+pickle is ever loaded, and weights whose hash does not match refuse to load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from envs.spec import ACTION_NAMES, FEATURE_NAMES, SPEC_VERSION
+from policies.base import BoolArray, FloatArray, check_inputs, mix_epsilon
+from policies.networks import NetworkSpec, PolicyNetwork
+
+BUNDLE_FORMAT = "carepath-policy-bundle"
+BUNDLE_VERSION = 1
+MANIFEST = "bundle.json"
+WEIGHTS = "weights.safetensors"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be trusted or read; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ActionSelection:
+    """How a network's outputs become action probabilities (over allowed actions only).
+
+    ``greedy``: all mass on the best allowed action. ``softmax``: a softmax of
+    outputs / ``temperature``. Either mixed with ``epsilon`` uniform.
+    """
+
+    kind: Literal["greedy", "softmax"] = "greedy"
+    temperature: float = 1.0
+    epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("greedy", "softmax"):
+            raise ValueError(f"action selection must be 'greedy' or 'softmax', got {self.kind!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {self.epsilon}")
+
+
+@dataclass
+class BundleManifest:
+    """The content of ``bundle.json``."""
+
+    algorithm: str
+    name: str
+    network: NetworkSpec
+    selection: ActionSelection = field(default_factory=ActionSelection)
+    feature_names: list[str] = field(default_factory=lambda: list(FEATURE_NAMES))
+    action_names: list[str] = field(default_factory=lambda: list(ACTION_NAMES))
+    spec_version: int = SPEC_VERSION
+    config: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    code_version: str = ""
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    explain: dict[str, Any] = field(default_factory=dict)  # e.g. a SHAP background, added by serving
+    created: str = ""
+    weights_sha256: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_VERSION,
+            "algorithm": self.algorithm,
+            "name": self.name,
+            "network": self.network.to_dict(),
+            "selection": {"kind": self.selection.kind, "temperature": self.selection.temperature,
+                          "epsilon": self.selection.epsilon},
+            "feature_names": self.feature_names,
+            "action_names": self.action_names,
+            "spec_version": self.spec_version,
+            "config": self.config,
+            "data": self.data,
+            "code_version": self.code_version,
+            "evaluation": self.evaluation,
+            "explain": self.explain,
+            "created": self.created,
+            "weights_sha256": self.weights_sha256,
+        }
+
+    @classmethod
+    def from_json(cls, d: Any, where: Path) -> BundleManifest:
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: expected a JSON object")
+        if d.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"{where}: field 'format' must be {BUNDLE_FORMAT!r}, got {d.get('format')!r}")
+        if d.get("format_version") != BUNDLE_VERSION:
+            raise BundleError(f"{where}: unsupported format_version {d.get('format_version')!r} "
+                              f"(this carepath reads {BUNDLE_VERSION})")
+        for key, kind in (("algorithm", str), ("name", str), ("network", dict), ("feature_names", list),
+                          ("action_names", list), ("weights_sha256", str)):
+            if not isinstance(d.get(key), kind):
+                raise BundleError(f"{where}: field {key!r} must be a {kind.__name__}, got {d.get(key)!r}")
+        try:
+            network = NetworkSpec.from_dict(d["network"])
+            selection = ActionSelection(**d.get("selection", {}))
+        except (TypeError, ValueError) as err:
+            raise BundleError(f"{where}: {err}") from None
+        return cls(
+            algorithm=d["algorithm"], name=d["name"], network=network, selection=selection,
+            feature_names=list(d["feature_names"]), action_names=list(d["action_names"]),
+            spec_version=int(d.get("spec_version", 0)), config=dict(d.get("config", {})),
+            data=dict(d.get("data", {})), code_version=str(d.get("code_version", "")),
+            evaluation=dict(d.get("evaluation", {})), explain=dict(d.get("explain", {})),
+            created=str(d.get("created", "")), weights_sha256=d["weights_sha256"],
+        )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"carepath {version('carepath')}"
+    except PackageNotFoundError:
+        return "carepath (not installed)"
+
+
+def save_bundle(path: str | Path, network: PolicyNetwork, manifest: BundleManifest, overwrite: bool = False) -> Path:
+    """Write a bundle folder atomically: built under a temporary name, then renamed."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    if manifest.network != network.spec:
+        raise ValueError("the manifest's network spec does not match the network being saved")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+        save_file(tensors, str(tmp / WEIGHTS))
+        manifest.weights_sha256 = sha256_file(tmp / WEIGHTS)
+        manifest.created = manifest.created or datetime.now(UTC).isoformat(timespec="seconds")
+        manifest.code_version = manifest.code_version or code_version()
+        (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, default=str))
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+class BundlePolicy:
+    """A policy rebuilt from a bundle: ``action_probs``, ``q_values`` where the network has them."""
+
+    def __init__(self, manifest: BundleManifest, network: PolicyNetwork, path: Path | None = None) -> None:
+        self.manifest = manifest
+        self.network = network.eval()
+        self.path = path
+        self.name = manifest.name
+        self.algorithm = manifest.algorithm
+
+    @property
+    def has_q_values(self) -> bool:
+        return self.manifest.network.output in ("q_values", "q_ensemble", "q_bcq")
+
+    @torch.no_grad()
+    def outputs(self, obs: NDArray[np.floating]) -> NDArray[np.float64]:
+        """Q-values or logits, (n, n_actions): the ensemble mean for ``q_ensemble``,
+        the Q half for ``q_bcq``."""
+        x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
+        y = self.network(x)
+        output = self.manifest.network.output
+        if output == "q_ensemble":
+            y = y.mean(dim=0)
+        elif output == "q_bcq":
+            y = y[:, : len(ACTION_NAMES)]
+        return y.double().numpy()
+
+    @torch.no_grad()
+    def _scores(self, obs: NDArray[np.floating], mask: BoolArray) -> NDArray[np.float64]:
+        """Outputs with every action the policy may not choose set to -inf."""
+        scores = np.where(mask, self.outputs(obs), -np.inf)
+        if self.manifest.network.output == "q_bcq":
+            # discrete BCQ: only actions the imitation model finds plausible enough
+            y = self.network(torch.as_tensor(np.asarray(obs, dtype=np.float32)))
+            logits = y[:, len(ACTION_NAMES):].double().numpy()
+            logits = np.where(mask, logits, -np.inf)
+            rel = np.exp(logits - logits.max(axis=1, keepdims=True))
+            plausible = rel >= float(self.manifest.network.extra["threshold"])
+            scores = np.where(plausible, scores, -np.inf)
+        return scores
+
+    @torch.no_grad()
+    def q_ensemble(self, obs: NDArray[np.floating]) -> NDArray[np.float64]:
+        """Each ensemble member's Q-values, (ensemble, n, n_actions)."""
+        if self.manifest.network.output != "q_ensemble":
+            raise ValueError(f"policy {self.name!r} has no Q ensemble")
+        return self.network(torch.as_tensor(np.asarray(obs, dtype=np.float32))).double().numpy()
+
+    def q_values(self, obs: NDArray[np.floating]) -> NDArray[np.float64]:
+        if not self.has_q_values:
+            raise ValueError(f"policy {self.name!r} ({self.algorithm}) outputs logits, not Q-values")
+        return self.outputs(np.atleast_2d(obs))
+
+    def action_probs(self, obs: NDArray[np.floating], mask: BoolArray) -> FloatArray:
+        obs, mask = check_inputs(obs, mask)
+        scores = self._scores(obs, mask)
+        sel = self.manifest.selection
+        if sel.kind == "greedy":
+            probs = np.zeros_like(scores)
+            probs[np.arange(len(scores)), scores.argmax(axis=1)] = 1.0
+        else:
+            z = scores / sel.temperature
+            z = np.exp(z - z.max(axis=1, keepdims=True))
+            probs = z / z.sum(axis=1, keepdims=True)
+        return mix_epsilon(probs, mask, sel.epsilon)
+
+
+def load(path: str | Path) -> BundlePolicy:
+    """Load a bundle folder as a :class:`BundlePolicy`, checking everything first."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    weights_path = path / WEIGHTS
+    if not path.is_dir():
+        raise BundleError(f"{path}: not a policy bundle folder")
+    for required in (manifest_path, weights_path):
+        if not required.is_file():
+            raise BundleError(f"{path}: missing {required.name}")
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{manifest_path}: not valid JSON ({err})") from None
+    manifest = BundleManifest.from_json(raw, manifest_path)
+    if manifest.feature_names != list(FEATURE_NAMES):
+        raise BundleError(f"{manifest_path}: field 'feature_names' does not match this carepath's features "
+                          f"(bundle spec version {manifest.spec_version}, this carepath {SPEC_VERSION})")
+    if manifest.action_names != list(ACTION_NAMES):
+        raise BundleError(f"{manifest_path}: field 'action_names' does not match this carepath's actions")
+    outputs_per_action = 2 if manifest.network.output == "q_bcq" else 1
+    if manifest.network.n_in != len(FEATURE_NAMES) or manifest.network.n_out != outputs_per_action * len(
+        ACTION_NAMES
+    ):
+        raise BundleError(f"{manifest_path}: network sizes {manifest.network.n_in} -> {manifest.network.n_out} "
+                          f"do not match {len(FEATURE_NAMES)} features -> {len(ACTION_NAMES)} actions")
+    actual = sha256_file(weights_path)
+    if actual != manifest.weights_sha256:
+        raise BundleError(f"{weights_path}: sha256 {actual} does not match the recorded "
+                          f"{manifest.weights_sha256}: the weights were changed or corrupted; refusing to load")
+    try:
+        tensors = load_file(str(weights_path))  # safetensors: plain tensors, no code is executed
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(f"{weights_path}: not a safetensors file ({err})") from None
+    network = PolicyNetwork(manifest.network)
+    try:
+        network.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise BundleError(f"{weights_path}: weights do not fit the network in {MANIFEST}: {err}") from None
+    return BundlePolicy(manifest, network, path)
