@@ -1,0 +1,101 @@
+"""Logged transitions held as tensors, sampled by vectorised indexing.
+
+A third of a popular offline library's update time is Python-side batch
+sampling; here a batch is one ``torch.randint`` and one gather per array.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+
+@dataclass(frozen=True)
+class Batch:
+    obs: torch.Tensor  # (b, n_features) float32
+    actions: torch.Tensor  # (b,) int64
+    rewards: torch.Tensor  # (b,) float32
+    next_obs: torch.Tensor  # (b, n_features) float32
+    dones: torch.Tensor  # (b,) float32: 1 where the episode ended (terminated, not truncated)
+    masks: torch.Tensor  # (b, n_actions) bool: allowed at obs
+    next_masks: torch.Tensor  # (b, n_actions) bool: allowed at next_obs
+
+
+class TensorReplay:
+    """All transitions on one device; ``sample`` draws a uniform batch with replacement."""
+
+    def __init__(
+        self,
+        obs: NDArray[np.floating],
+        actions: NDArray[np.integer],
+        rewards: NDArray[np.floating],
+        next_obs: NDArray[np.floating],
+        dones: NDArray[np.bool_] | NDArray[np.floating],
+        masks: NDArray[np.bool_],
+        next_masks: NDArray[np.bool_],
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+    ) -> None:
+        n = len(obs)
+        for name, arr in (("actions", actions), ("rewards", rewards), ("next_obs", next_obs), ("dones", dones),
+                          ("masks", masks), ("next_masks", next_masks)):
+            if len(arr) != n:
+                raise ValueError(f"transitions: {name} has {len(arr)} rows, obs has {n}")
+        if n == 0:
+            raise ValueError("transitions: no data to learn from")
+        masks = np.asarray(masks, dtype=bool)
+        actions = np.asarray(actions, dtype=np.int64)
+        if not masks[np.arange(n), actions].all():
+            bad = int(np.flatnonzero(~masks[np.arange(n), actions])[0])
+            raise ValueError(f"transitions: row {bad} logs action {actions[bad]}, which its mask blocks")
+        self.device = torch.device(device)
+        self.n = n
+
+        def t(x: NDArray[np.generic], dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(x)).to(self.device, dtype)
+
+        self.obs = t(obs, torch.float32)
+        self.actions = t(actions, torch.int64)
+        self.rewards = t(rewards, torch.float32)
+        self.next_obs = t(next_obs, torch.float32)
+        self.dones = t(np.asarray(dones, dtype=np.float32), torch.float32)
+        self.masks = t(masks, torch.bool)
+        self.next_masks = t(np.asarray(next_masks, dtype=bool), torch.bool)
+        # terminal transitions may have an all-false next mask; allow "continue" there so
+        # max over the next state's actions stays finite (its value is zeroed by done anyway)
+        empty = ~self.next_masks.any(dim=1)
+        self.next_masks[empty, 0] = True
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def sample(self, batch_size: int) -> Batch:
+        idx = torch.randint(self.n, (batch_size,), device=self.device, generator=self.generator)
+        return Batch(self.obs[idx], self.actions[idx], self.rewards[idx], self.next_obs[idx], self.dones[idx],
+                     self.masks[idx], self.next_masks[idx])
+
+    def obs_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of observations, for the network's normalisation."""
+        return self.obs.mean(dim=0), self.obs.std(dim=0)
+
+
+def masked_max(q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """max over allowed actions: the bootstrap target never uses a blocked action."""
+    return q.masked_fill(~mask, float("-inf")).max(dim=1).values
+
+
+def masked_logsumexp(q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(q.masked_fill(~mask, float("-inf")), dim=1)
+
+
+def masked_argmax(q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return q.masked_fill(~mask, float("-inf")).argmax(dim=1)
+
+
+def replay_from_transitions(transitions: object, device: torch.device | str = "cpu", seed: int = 0) -> TensorReplay:
+    """A :class:`TensorReplay` from ``offline_data``'s ``Transitions`` (obs, action, reward,
+    next_obs, done, mask, next_mask)."""
+    t = transitions
+    return TensorReplay(t.obs, t.action, t.reward, t.next_obs, t.done, t.mask, t.next_mask,  # type: ignore[attr-defined]
+                        device=device, seed=seed)

@@ -1,0 +1,43 @@
+"""Discrete conservative Q-learning (Kumar et al. 2020, the CQL(H) variant).
+
+TD loss plus ``alpha * (logsumexp_a Q(s, a) - Q(s, a_logged))``: Q-values of
+actions the data does not support are pushed down. The logsumexp runs over
+the actions allowed at ``s`` only, so blocked actions neither gain nor lose.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from agents.common.replay import Batch, masked_logsumexp
+from agents.offline.base import OfflineConfig, QLearningAgent
+from agents.registry import register
+
+
+@dataclass
+class CQLConfig(OfflineConfig):
+    alpha: float = 1.0  # weight of the conservative penalty
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be non-negative, got {self.alpha}")
+
+
+class DiscreteCQL(QLearningAgent):
+    algorithm = "cql"
+    config: CQLConfig
+
+    def q_loss(self, q: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        td, metrics = super().q_loss(q, batch)
+        q_taken = q.gather(1, batch.actions[:, None]).squeeze(1)
+        penalty = (masked_logsumexp(q, batch.masks) - q_taken).mean()
+        metrics["cql_penalty"] = float(penalty.detach())
+        return td + self.config.alpha * penalty, metrics
+
+
+@register("cql", "offline", CQLConfig, "discrete conservative Q-learning (CQL)")
+def build(config: CQLConfig) -> DiscreteCQL:
+    return DiscreteCQL(config)

@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+import torch
+
+from agents import available, make_agent, make_config
+from agents.common.replay import TensorReplay, masked_argmax, masked_logsumexp, masked_max, replay_from_transitions
+from envs import dynamics as D
+from envs.params import EnvSettings
+from envs.spec import N_ACTIONS, Action
+from policies import StardPolicy, load
+from policies.base import sample_actions
+
+OFFLINE = ["bc", "bcq", "cql", "dqn_offline"]
+
+
+@pytest.fixture(scope="module")
+def replay(params):
+    """2,000 simulated patients x 12 weeks under STAR*D with epsilon 0.3."""
+    settings = EnvSettings(horizon=12)
+    rng, policy_rng = np.random.default_rng(0), np.random.default_rng(1)
+    policy = StardPolicy(epsilon=0.3)
+    k = D.kernel_params(params, settings)
+    state = D.initial_state(2000, params, settings, rng, k)
+    obs, mask = D.observe_and_mask(state)
+    rows = {key: [] for key in ("obs", "a", "r", "next_obs", "done", "mask", "next_mask")}
+    alive = np.ones(len(state), dtype=bool)
+    for t in range(12):
+        a, _ = sample_actions(policy, obs, mask, policy_rng)
+        res = D.step(state, a, params, settings, rng, k)
+        done = res.terminated | (t == 11)
+        for key, value in (("obs", obs), ("a", a), ("r", res.reward), ("next_obs", res.obs), ("done", done),
+                           ("mask", mask), ("next_mask", res.mask)):
+            rows[key].append(value[alive])
+        alive = alive & ~res.terminated
+        state, obs, mask = res.state, res.obs, res.mask
+    arrays = {key: np.concatenate(value) for key, value in rows.items()}
+    return TensorReplay(arrays["obs"], arrays["a"], arrays["r"], arrays["next_obs"], arrays["done"],
+                        arrays["mask"], arrays["next_mask"], seed=0)
+
+
+def test_registry_lists_the_offline_agents_and_names_bad_options():
+    assert set(OFFLINE) <= set(available())
+    with pytest.raises(ValueError, match="unknown agent 'sac'"):
+        make_config("sac")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['alpah'\]"):
+        make_config("cql", {"alpah": 1.0})
+    with pytest.raises(ValueError, match="gamma must be in"):
+        make_config("cql", {"gamma": 1.5})
+
+
+def test_masked_helpers_never_pick_a_blocked_action():
+    q = torch.tensor([[5.0, 1.0, 9.0], [0.0, -1.0, -2.0]])
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    assert masked_max(q, mask).tolist() == [5.0, -1.0]
+    assert masked_argmax(q, mask).tolist() == [0, 1]
+    expected = torch.logsumexp(torch.tensor([5.0, 1.0]), 0)
+    assert torch.isclose(masked_logsumexp(q, mask)[0], expected)
+
+
+def test_replay_refuses_a_logged_action_its_mask_blocks():
+    obs = np.zeros((2, 3), dtype=np.float32)
+    mask = np.ones((2, N_ACTIONS), dtype=bool)
+    mask[1, 4] = False
+    with pytest.raises(ValueError, match="row 1 logs action 4"):
+        TensorReplay(obs, np.array([0, 4]), np.zeros(2), obs, np.zeros(2), mask, mask)
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_agent_trains_exports_and_never_chooses_a_blocked_action(tmp_path, replay, name):
+    agent = make_agent(name, {"n_updates": 300, "hidden": [64, 64], "batch_size": 128, "device": "cpu"})
+    seen = []
+    metrics = agent.fit(replay, callback=lambda step, m: seen.append(step), log_every=100, progress=False)
+    assert seen == [100, 200, 300] and all(np.isfinite(v) for v in metrics.values())
+    policy = load(agent.export(tmp_path / name, name=f"{name}-test"))
+    obs = replay.obs[:3000].numpy()
+    mask = replay.masks[:3000].numpy()
+    probs = policy.action_probs(obs, mask)
+    assert np.allclose(probs.sum(axis=1), 1.0)
+    assert np.all(probs[~mask] == 0.0)
+    item9 = obs[:, 1] >= 2
+    if item9.any():
+        assert np.all(probs[item9, Action.REFER_SPECIALIST] == 1.0)
+
+
+def test_behaviour_cloning_recovers_the_logging_policy(replay):
+    agent = make_agent("bc", {"n_updates": 800, "hidden": [64, 64], "device": "cpu"})
+    agent.fit(replay, progress=False)
+    obs, mask = replay.obs[:4000].numpy(), replay.masks[:4000].numpy()
+    from policies.bundle import ActionSelection, BundleManifest, BundlePolicy
+
+    clone = BundlePolicy(BundleManifest("bc", "bc", agent.network.spec, ActionSelection("softmax")), agent.network)
+    truth = StardPolicy(epsilon=0.3).action_probs(obs, mask)
+    learnt = clone.action_probs(obs, mask)
+    total_variation = 0.5 * np.abs(truth - learnt).sum(axis=1).mean()
+    assert total_variation < 0.2
+
+
+def test_training_resumes_from_a_checkpoint_to_the_same_result(replay):
+    """An interrupted run resumed from its checkpoint ends with the very same weights."""
+    config = {"n_updates": 120, "hidden": [32], "batch_size": 64, "device": "cpu", "seed": 3}
+    start = replay.generator.get_state()
+    straight = make_agent("cql", config)
+    straight.fit(replay, progress=False)
+
+    replay.generator.set_state(start)
+    interrupted = make_agent("cql", config)
+    interrupted.fit(replay, n_updates=60, progress=False)
+    checkpoint, sampler = interrupted.state(), replay.generator.get_state()
+    resumed = make_agent("cql", config)
+    resumed.load_state(checkpoint)
+    replay.generator.set_state(sampler)
+    resumed.fit(replay, progress=False)
+    assert resumed.updates_done == 120
+    for a, b in zip(straight.network.parameters(), resumed.network.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_replay_from_offline_data_transitions(replay):
+    class T:
+        obs = replay.obs.numpy()
+        action = replay.actions.numpy()
+        reward = replay.rewards.numpy()
+        next_obs = replay.next_obs.numpy()
+        done = replay.dones.numpy() > 0
+        mask = replay.masks.numpy()
+        next_mask = replay.next_masks.numpy()
+
+    again = replay_from_transitions(T())
+    assert again.n == replay.n and torch.equal(again.actions, replay.actions)
