@@ -1,0 +1,76 @@
+"""train.py end to end: the smoke experiment, TensorBoard tags, bundles, resume after a kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from agents import make_config
+from policies import load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(tmp_path, *overrides, check=True, timeout=600):
+    cmd = [sys.executable, str(ROOT / "train.py"), "experiment=smoke", "progress=false",
+           f"runs_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}", *overrides]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, check=False)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize("agent", sorted(p.stem for p in (ROOT / "configs" / "agent").glob("*.yaml")))
+def test_every_agent_config_composes_into_its_config_dataclass(agent):
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"agent={agent}", "experiment=smoke"])
+    assert cfg.agent.name == agent
+    make_config(agent, dict(cfg.agent.params))  # raises on an unknown or bad option
+    assert cfg.train_fraction < 0.1 and cfg.data.patients <= 2000
+
+
+def test_smoke_run_trains_evaluates_logs_and_bundles(tmp_path):
+    result = run_train(tmp_path, "agent=bcq", "seed=1")
+    run = tmp_path / "runs" / "bcq" / "seed1"
+    assert "bcq seed 1: remission" in result.stdout and "blocked actions 0" in result.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["evaluation"]["policy"]["blocked_actions_chosen"] == 0
+    assert set(metrics["data"]["split"]) == {"train", "validation", "test"}
+    policy = load(run / "policy")
+    assert policy.algorithm == "bcq"
+    assert policy.manifest.evaluation["simulator_ground_truth"]["policy"]["patients"] == 600
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/td_loss", "eval/remission", "eval/remission_lo", "eval/remission_hi",
+            "safety/blocked_actions_chosen", "safety/referral_when_item9_high"} <= tags
+    assert (run / "config.yaml").exists() and not (run / "checkpoint.pt").exists()
+    again = run_train(tmp_path, "agent=bcq", "seed=1", check=False)
+    assert again.returncode != 0 and "overwrite=true" in (again.stdout + again.stderr)
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    args = ["agent=cql", "train_fraction=0.1", "checkpoint_every=100", "agent.params.hidden=[64,64]"]
+    cmd = [sys.executable, str(ROOT / "train.py"), "experiment=smoke", "progress=false",
+           f"runs_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}", *args]
+    checkpoint = tmp_path / "runs" / "cql" / "seed0" / "checkpoint.pt"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), "training should write a checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (checkpoint.parent / "metrics.json").exists()
+    result = run_train(tmp_path, *args)
+    log = (checkpoint.parent / "train.log").read_text()
+    assert "resumed from" in log, result.stdout
+    assert (checkpoint.parent / "metrics.json").exists() and not checkpoint.exists()

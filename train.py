@@ -1,0 +1,193 @@
+"""Train a policy by Hydra config: build env / data / agent, train, evaluate, save a bundle.
+
+    python train.py                         # discrete CQL on generated STAR*D data
+    python train.py agent=maskable_ppo      # an online agent in the simulator
+    python train.py experiment=smoke        # under a minute: what the tests run
+    python train.py -m agent=bc,cql,bcq seed=0,1,2
+
+A run folder (``runs/<name>/seed<seed>``) holds the resolved config, a
+checkpoint while training, ``metrics.json``, TensorBoard events and
+``policy/`` (the bundle). Rerunning the same command resumes an interrupted
+run from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("carepath.train")
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def env_settings(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
+    from envs.params import EnvSettings
+
+    kwargs = dict(_plain(cfg.env.kwargs))
+    params = {k: kwargs.pop(k) for k in ("params_path", "param_overrides") if k in kwargs}
+    return EnvSettings(**kwargs), params
+
+
+def logged_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """The logged dataset: an existing file, or generated once and cached by content."""
+    from offline_data.dataset import load_dataset
+    from offline_data.generate import generate
+
+    data = cfg.data
+    if data.path:
+        path = Path(hydra.utils.to_absolute_path(str(data.path)))
+    else:
+        settings, params = env_settings(cfg)
+        key = json.dumps({"data": _plain(data), "env": _plain(cfg.env.kwargs)}, sort_keys=True, default=str)
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        path = Path(hydra.utils.to_absolute_path(str(data.cache_dir))) / f"{data.policy}_{digest}.parquet"
+        if not path.exists():
+            log.info("generating %d patients under %s (epsilon %.2f) -> %s", data.patients, data.policy,
+                     data.epsilon, path)
+            generate(path, policy=data.policy, epsilon=float(data.epsilon), patients=int(data.patients),
+                     seed=int(data.seed), settings=settings, params_path=params.get("params_path"),
+                     param_overrides=params.get("param_overrides") or None, progress=bool(cfg.progress))
+    dataset = load_dataset(path)
+    provenance = {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                  "rows": dataset.n_rows, "patients": dataset.n_patients}
+    return dataset, provenance
+
+
+def train_offline(cfg: DictConfig, agent: Any, run_dir: Path, writer: Any) -> dict[str, Any]:
+    from agents.common.replay import replay_from_transitions
+    from offline_data.dataset import split_by_patient
+
+    dataset, provenance = logged_data(cfg, run_dir)
+    parts = split_by_patient(dataset, dict(_plain(cfg.data.split)), seed=int(cfg.data.split_seed))
+    replay = replay_from_transitions(parts["train"].transitions(), device=agent.device, seed=int(cfg.seed))
+    provenance["split"] = {name: part.n_patients for name, part in parts.items()}
+    checkpoint = run_dir / "checkpoint.pt"
+    if checkpoint.exists():
+        # our own file; weights_only refuses anything but tensors and plain containers
+        state = torch.load(checkpoint, map_location=agent.device, weights_only=True)
+        agent.load_state(state["agent"])
+        replay.generator.set_state(state["sampler"])
+        log.info("resumed from %s at update %d", checkpoint, agent.updates_done)
+
+    def save_checkpoint(step: int) -> None:
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"agent": agent.state(), "sampler": replay.generator.get_state()}, tmp)
+        tmp.replace(checkpoint)
+
+    total = max(1, int(agent.config.n_updates * float(cfg.train_fraction)))
+    agent.fit(replay, n_updates=total, progress=bool(cfg.progress),
+              callback=lambda step, m: [writer.add_scalar(f"train/{k}", v, step) for k, v in m.items()],
+              log_every=max(1, min(250, total // 4)), checkpoint=save_checkpoint,
+              checkpoint_every=int(cfg.checkpoint_every))
+    return provenance
+
+
+def train_online(cfg: DictConfig, agent: Any, writer: Any) -> dict[str, Any]:
+    agent.config.total_timesteps = max(1, int(agent.config.total_timesteps * float(cfg.train_fraction)))
+    agent.fit(callback=lambda step, m: [writer.add_scalar(f"train/{k}", v, step) for k, v in m.items()],
+              progress=bool(cfg.progress))
+    return {"source": "simulator", "timesteps": agent.config.total_timesteps}
+
+
+def evaluate(cfg: DictConfig, policy: Any, writer: Any) -> dict[str, Any]:
+    """Simulator ground truth of the trained policy and the behaviour policy, with 95 % intervals."""
+    from evaluation.ground_truth import rollout
+    from policies import make_baseline
+
+    settings, params_kw = env_settings(cfg)
+    from envs.params import load_params
+
+    params = load_params(params_kw.get("params_path"), params_kw.get("param_overrides") or None)
+    results: dict[str, Any] = {}
+    behaviour = make_baseline(str(cfg.data.policy), float(cfg.data.epsilon))
+    for label, candidate in (("policy", policy), ("behaviour", behaviour)):
+        truth = rollout(candidate, int(cfg.eval.patients), seed=int(cfg.eval.seed), params=params,
+                        settings=settings, progress=bool(cfg.progress))
+        results[label] = truth.as_dict()
+    truth = results["policy"]
+    for metric in ("remission", "value", "dropout", "phq9_change"):
+        interval = truth[metric]
+        writer.add_scalar(f"eval/{metric}", interval["value"], 0)
+        writer.add_scalar(f"eval/{metric}_lo", interval["low"], 0)
+        writer.add_scalar(f"eval/{metric}_hi", interval["high"], 0)
+    writer.add_scalar("eval/behaviour_remission", results["behaviour"]["remission"]["value"], 0)
+    writer.add_scalar("safety/blocked_actions_chosen", truth["blocked_actions_chosen"], 0)
+    writer.add_scalar("safety/referral_when_item9_high", truth["referrals_when_item9_high"], 0)
+    return results
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from agents import entry, make_agent
+
+    started = time.perf_counter()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if (run_dir / "metrics.json").exists():
+        if not cfg.overwrite:
+            raise SystemExit(f"{run_dir} holds a finished run; pass overwrite=true to replace it")
+        for stale in ("metrics.json", "checkpoint.pt", "policy", "tensorboard"):
+            target = run_dir / stale
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.manual_seed(int(cfg.seed))  # our numpy code takes explicit generators, seeded per use
+
+    agent_entry = entry(str(cfg.agent.name))
+    params = dict(_plain(cfg.agent.params))
+    params["seed"] = int(cfg.seed)
+    if agent_entry.kind == "online":
+        params["env"] = {**dict(_plain(cfg.env.kwargs)), **params.get("env", {})}
+    agent = make_agent(agent_entry.name, params)
+    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    try:
+        if agent_entry.kind == "offline":
+            data = train_offline(cfg, agent, run_dir, writer)
+        else:
+            data = train_online(cfg, agent, writer)
+        bundle_dir = run_dir / "policy"
+        resolved = _plain(cfg)
+        agent.export(bundle_dir, name=f"{cfg.name}-seed{cfg.seed}", config=resolved, data=data, overwrite=True)
+        from policies import load
+
+        policy = load(bundle_dir)
+        results = evaluate(cfg, policy, writer)
+        # record the evaluation in the bundle itself (re-saved atomically with the same weights)
+        agent.export(bundle_dir, name=policy.name, config=resolved, data=data,
+                     evaluation={"simulator_ground_truth": results}, overwrite=True)
+        remission = results["policy"]["remission"]
+        metrics = {"agent": agent_entry.name, "seed": int(cfg.seed), "data": data, "evaluation": results,
+                   "wall_time_s": round(time.perf_counter() - started, 1)}
+        writer.add_hparams({"agent": agent_entry.name, "seed": int(cfg.seed),
+                            "train_fraction": float(cfg.train_fraction)},
+                           {"hparam/remission": remission["value"],
+                            "hparam/value": results["policy"]["value"]["value"]}, run_name=".")
+    finally:
+        writer.close()
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2, default=str))
+    tmp.replace(run_dir / "metrics.json")
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    behaviour = results["behaviour"]["remission"]
+    print(f"{agent_entry.name} seed {cfg.seed}: remission {100 * remission['value']:.1f} % "
+          f"[{100 * remission['low']:.1f}, {100 * remission['high']:.1f}] vs behaviour "
+          f"{100 * behaviour['value']:.1f} %; blocked actions {results['policy']['blocked_actions_chosen']}; "
+          f"{metrics['wall_time_s']:.0f} s -> {run_dir}")
+    return float(remission["value"])
+
+
+if __name__ == "__main__":
+    main()
