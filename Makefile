@@ -12,6 +12,7 @@ help:
 	@echo "make test        set up .venv and run ruff, mypy and the test suite"
 	@echo "make calibration full calibration table, JSON and plot (benchmarks/results/)"
 	@echo "make benchmarks  performance benchmarks (benchmarks/results/*.json)"
+	@echo "make tensorboard TensorBoard over runs/ (training runs of train.py)"
 	@echo "make lock        refresh constraints.txt from the current .venv"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -26,6 +27,7 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/carepath simulate --patients 5000 --weeks 26
 	$(BIN)/carepath calibrate --scale 0.5 --plot reports/demo/trajectories.png --json reports/demo/calibration.json
+	$(BIN)/python train.py overwrite=true
 	@echo
 	@echo "Decision support only: every figure above comes from simulated patients."
 
@@ -45,6 +47,8 @@ calibration: venv
 
 benchmarks: venv
 	$(BIN)/python benchmarks/sim_throughput.py
+	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/calibration.py
 
 tensorboard: venv

@@ -1,4 +1,4 @@
-"""train.py end to end: the smoke experiment, TensorBoard tags, bundles, resume after a kill."""
+"""train.py end to end: the smoke experiment, TensorBoard tags, bundles, resume after a kill, multiruns."""
 
 import json
 import os
@@ -25,6 +25,35 @@ def run_train(tmp_path, *overrides, check=True, timeout=600):
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def run_sweep(tmp_path, *overrides, timeout=600):
+    """``train.py -m`` in smoke mode; returns the process result and each job's folder (one holding metrics.json).
+
+    The sweep subdir is Hydra's override_dirname, which here includes the absolute runs_dir and
+    cache_dir overrides, so job folders are nested a few levels below ``runs/multirun``: found by glob.
+    """
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=smoke", "progress=false",
+           f"runs_dir={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}", *overrides]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sweep_dir = tmp_path / "runs" / "multirun"
+    jobs = sorted(path.parent for path in sweep_dir.rglob("metrics.json"))
+    return result, sweep_dir, jobs
+
+
+def check_job(job, agent):
+    """A finished job folder: metrics, resolved config and a loadable bundle that agree on the seed."""
+    metrics = json.loads((job / "metrics.json").read_text())
+    config = (job / "config.yaml").read_text()
+    seed = metrics["seed"]
+    assert metrics["agent"] == agent and f"\nseed: {seed}\n" in f"\n{config}"
+    assert metrics["evaluation"]["policy"]["blocked_actions_chosen"] == 0
+    assert not (job / "checkpoint.pt").exists()
+    policy = load(job / "policy")
+    assert policy.algorithm == agent and policy.name == f"{agent}-seed{seed}"
+    assert policy.manifest.config["seed"] == seed
+    return metrics, policy
 
 
 @pytest.mark.parametrize("agent", sorted(p.stem for p in (ROOT / "configs" / "agent").glob("*.yaml")))
@@ -74,3 +103,31 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     log = (checkpoint.parent / "train.log").read_text()
     assert "resumed from" in log, result.stdout
     assert (checkpoint.parent / "metrics.json").exists() and not checkpoint.exists()
+
+
+def test_joblib_multirun_runs_each_job_into_its_own_folder(tmp_path):
+    result, sweep_dir, jobs = run_sweep(tmp_path, "agent=bc", "seed=0,1")
+    output = result.stdout + result.stderr
+    assert "Joblib.Parallel" in output and "launching 2 jobs" in output
+    assert [job.name.rsplit(",", 1)[-1] for job in jobs] == ["seed=0", "seed=1"]
+    assert (sweep_dir / "multirun.yaml").exists()
+    assert not (tmp_path / "runs" / "bc").exists(), "multirun jobs belong under the sweep dir"
+    (metrics0, policy0), (metrics1, policy1) = (check_job(job, "bc") for job in jobs)
+    assert (metrics0["seed"], metrics1["seed"]) == (0, 1)
+    # the same cached logged data, trained into different networks
+    assert metrics0["data"]["sha256"] == metrics1["data"]["sha256"]
+    assert policy0.manifest.weights_sha256 != policy1.manifest.weights_sha256
+    assert len(list((tmp_path / "cache").glob("*.parquet"))) == 1
+
+
+def test_submitit_local_multirun_finishes_its_job(tmp_path):
+    result, sweep_dir, jobs = run_sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+                                        "agent=bc", "seed=0")
+    assert "Submitit 'local'" in result.stdout + result.stderr
+    assert len(jobs) == 1 and jobs[0].name.endswith("seed=0")
+    metrics, _ = check_job(jobs[0], "bc")
+    assert metrics["seed"] == 0
+    # submitit ran the job in its own process: its stdout and result went to the submitit folder
+    logs = "".join(path.read_text() for path in (sweep_dir / ".submitit").rglob("*_log.out"))
+    assert "bc seed 0: remission" in logs
+    assert list((sweep_dir / ".submitit").rglob("*_result.pkl"))

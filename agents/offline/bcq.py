@@ -22,7 +22,11 @@ from policies.networks import NetworkSpec
 
 @dataclass
 class BCQConfig(OfflineConfig):
-    threshold: float = 0.3  # relative imitation probability an action needs to be chosen
+    # Relative imitation probability G(a|s) / max G an action needs to be chosen. Logs of
+    # a near-deterministic protocol with epsilon exploration support the other actions at
+    # about epsilon / n_allowed of the mode (~0.01 at epsilon 0.1): the usual 0.3 would
+    # only ever allow the protocol's own choice.
+    threshold: float = 0.005
     imitation_weight: float = 1.0
 
     def __post_init__(self) -> None:

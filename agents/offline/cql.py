@@ -18,7 +18,11 @@ from agents.registry import register
 
 @dataclass
 class CQLConfig(OfflineConfig):
-    alpha: float = 1.0  # weight of the conservative penalty
+    # Weight of the conservative penalty. The penalty is in Q units, so it must be
+    # small next to the gap between actions' Q-values: our rewards are 0.1-0.5 a
+    # week and those gaps a few tenths, and the Atari default of 1.0 (clipped
+    # rewards, Q in the tens) pins every choice to the logging policy's mode.
+    alpha: float = 0.02
 
     def __post_init__(self) -> None:
         super().__post_init__()

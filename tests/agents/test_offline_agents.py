@@ -127,3 +127,27 @@ def test_replay_from_offline_data_transitions(replay):
 
     again = replay_from_transitions(T())
     assert again.n == replay.n and torch.equal(again.actions, replay.actions)
+
+
+@pytest.mark.parametrize("name", ["cql", "bcq"])
+def test_default_conservatism_still_finds_a_better_rarely_logged_action(tmp_path, name):
+    """One-week episodes logged by a protocol that picks "continue" 90 % of the time and
+    explores uniformly otherwise; a rarely logged action is worth 0.8 more, about what
+    separates actions' returns in the simulator. The defaults must find it: a penalty or
+    threshold tuned for Atari-scale Q-values pins the policy to the protocol's mode."""
+    rng = np.random.default_rng(7)
+    n = 60_000
+    obs = rng.normal(size=(n, 31)).astype(np.float32)
+    actions = np.where(rng.random(n) < 0.9, 0, rng.integers(0, N_ACTIONS, n))
+    better = int(Action.ADD_PSYCHOTHERAPY)
+    rewards = np.where(actions == better, 1.0, np.where(actions == 0, 0.2, 0.0)) + rng.normal(0, 0.05, n)
+    masks = np.ones((n, N_ACTIONS), dtype=bool)
+    replay = TensorReplay(obs, actions, rewards.astype(np.float32), obs, np.ones(n), masks, masks, seed=0)
+    chosen = {}
+    for label, options in (("default", {}), ("atari", {"cql": {"alpha": 1.0}, "bcq": {"threshold": 0.3}}[name])):
+        agent = make_agent(name, {"n_updates": 3000, "hidden": [64, 64], "device": "cpu", "seed": 0, **options})
+        agent.fit(replay, progress=False)
+        policy = load(agent.export(tmp_path / label, name=name))
+        chosen[label] = policy.action_probs(obs[:2000], masks[:2000]).argmax(axis=1)
+    assert (chosen["default"] == better).mean() > 0.9
+    assert (chosen["atari"] == 0).mean() > 0.9

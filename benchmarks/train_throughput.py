@@ -1,0 +1,173 @@
+"""Offline training throughput and the wall time of the default training run.
+
+Prints and writes ``benchmarks/results/train_throughput.json``:
+
+- gradient updates per second of every offline agent in the registry (batch 256,
+  two hidden layers of 256, our 31 observation features, 10 actions), through the
+  agents' own ``fit`` loop, on the CPU and on CUDA when there is one;
+- the same figure for a minimal hand-written torch loop of the discrete CQL update,
+  measured side by side in this run: the ratio says how much our framework costs
+  (target: discrete CQL >= 200 updates/s on a 2-core CPU, i.e. a ratio near 1);
+- wall time of ``python train.py`` with no overrides, from a cold data cache.
+
+Each rate is the best of several repeats: the machine is noisy and the best
+repeat is the one least disturbed by other work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents import available, entry, make_agent
+from agents.common.replay import TensorReplay
+from envs.spec import N_ACTIONS, N_FEATURES
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+BATCH = 256
+HIDDEN = (256, 256)
+
+
+def synthetic_replay(n: int, device: str, seed: int = 0) -> TensorReplay:
+    """Transitions with the real shapes; content does not change the cost of an update."""
+    rng = np.random.default_rng(seed)
+    masks = rng.random((n, N_ACTIONS)) < 0.8
+    masks[:, 0] = True  # "continue" is allowed almost everywhere in the real data
+    actions = np.array([rng.choice(np.flatnonzero(m)) for m in masks[:2048]])
+    actions = np.resize(actions, n)
+    masks = np.resize(masks[:2048], (n, N_ACTIONS))
+    return TensorReplay(
+        obs=rng.normal(size=(n, N_FEATURES)).astype(np.float32), actions=actions,
+        rewards=rng.normal(0.2, 0.3, n).astype(np.float32),
+        next_obs=rng.normal(size=(n, N_FEATURES)).astype(np.float32),
+        dones=rng.random(n) < 0.05, masks=masks, next_masks=np.roll(masks, 1, axis=0), device=device, seed=seed)
+
+
+def best_rate(work: Callable[[int], None], updates: int, repeats: int) -> float:
+    """Updates per second of the fastest of ``repeats`` timed runs of ``updates`` updates."""
+    work(min(50, updates))  # warm-up: allocator, autograd graph caches, CUDA context
+    best = 0.0
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        work(updates)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = max(best, updates / (time.perf_counter() - started))
+    return best
+
+
+def agent_rate(name: str, replay: TensorReplay, device: str, updates: int, repeats: int) -> float:
+    agent = make_agent(name, {"batch_size": BATCH, "hidden": list(HIDDEN), "device": device})
+
+    def work(k: int) -> None:
+        agent.fit(replay, n_updates=agent.updates_done + k, progress=False)
+
+    return best_rate(work, updates, repeats)
+
+
+def minimal_cql_rate(replay: TensorReplay, device: str, updates: int, repeats: int, alpha: float = 0.02) -> float:
+    """The discrete CQL update written as plainly as torch allows: the reference point."""
+    torch.manual_seed(0)
+
+    def mlp() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(N_FEATURES, HIDDEN[0]), torch.nn.ReLU(),
+                                   torch.nn.Linear(HIDDEN[0], HIDDEN[1]), torch.nn.ReLU(),
+                                   torch.nn.Linear(HIDDEN[1], N_ACTIONS)).to(device)
+
+    q_net, target = mlp(), mlp()
+    target.load_state_dict(q_net.state_dict())
+    optimizer = torch.optim.Adam(q_net.parameters(), lr=3e-4)
+    steps = [0]
+
+    def work(k: int) -> None:
+        for _ in range(k):
+            idx = torch.randint(replay.n, (BATCH,), device=replay.device)
+            obs, act, rew = replay.obs[idx], replay.actions[idx], replay.rewards[idx]
+            nxt, done, mask, nmask = replay.next_obs[idx], replay.dones[idx], replay.masks[idx], replay.next_masks[idx]
+            with torch.no_grad():
+                a_next = q_net(nxt).masked_fill(~nmask, float("-inf")).argmax(1, keepdim=True)
+                y = rew + 0.99 * (1 - done) * target(nxt).gather(1, a_next).squeeze(1)
+            q = q_net(obs)
+            q_taken = q.gather(1, act[:, None]).squeeze(1)
+            penalty = torch.logsumexp(q.masked_fill(~mask, float("-inf")), 1) - q_taken
+            loss = torch.nn.functional.smooth_l1_loss(q_taken, y) + alpha * penalty.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps[0] += 1
+            if steps[0] % 500 == 0:
+                target.load_state_dict(q_net.state_dict())
+
+    return best_rate(work, updates, repeats)
+
+
+def default_train_wall_time() -> dict[str, Any]:
+    """``python train.py`` exactly as a researcher first runs it, with a cold data cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        result = subprocess.run([sys.executable, str(ROOT / "train.py"), "progress=false", f"runs_dir={tmp}/runs",
+                                 f"data.cache_dir={tmp}/cache"], cwd=ROOT, capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"python train.py failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    summary = [line for line in result.stdout.splitlines() if "remission" in line]
+    return {"wall_s": round(wall, 1), "summary": summary[-1] if summary else ""}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--updates", type=int, default=1000, help="updates per timed repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--transitions", type=int, default=200_000)
+    parser.add_argument("--skip-default-run", action="store_true", help="do not time python train.py")
+    parser.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json")
+    args = parser.parse_args()
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    offline = [name for name in available() if entry(name).kind == "offline"]
+    results: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
+        "setting": {"batch_size": BATCH, "hidden": list(HIDDEN), "features": N_FEATURES, "actions": N_ACTIONS,
+                    "transitions": args.transitions, "updates_per_repeat": args.updates, "repeats": args.repeats},
+        "updates_per_s": {},
+    }
+    for device in devices:
+        replay = synthetic_replay(args.transitions, device)
+        rates = {name: round(agent_rate(name, replay, device, args.updates, args.repeats), 1) for name in offline}
+        reference = round(minimal_cql_rate(replay, device, args.updates, args.repeats), 1)
+        rates["minimal_torch_cql"] = reference
+        results["updates_per_s"][device] = rates
+        results.setdefault("cql_vs_minimal_loop", {})[device] = round(rates["cql"] / reference, 3)
+        for name, rate in rates.items():
+            print(f"{device:5s} {name:18s} {rate:9.1f} updates/s")
+        print(f"{device:5s} cql / minimal loop: {rates['cql'] / reference:.2f} (target: cql >= 200 updates/s on CPU)")
+    if not args.skip_default_run:
+        results["default_train"] = default_train_wall_time()
+        print(f"python train.py (cold cache): {results['default_train']['wall_s']} s  "
+              f"{results['default_train']['summary']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Simulator ground truth of trained policies against their behaviour policy, per agent over seeds.
+
+Reads every ``metrics.json`` under the given folders (single runs or sweeps of
+``train.py``), prints one line per run and one per agent, and writes
+``benchmarks/results/training_results.json``. The issue's bar: discrete CQL and
+BCQ beat the behaviour policy's true remission rate by >= 10 % relative, the behaviour
+policy's rate lies inside behaviour cloning's 95 % interval, MaskablePPO beats STAR*D.
+
+    python train.py -m agent=bc,cql,bcq seed=0,1,2
+    python benchmarks/training_results.py runs/multirun
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def collect(folders: list[Path]) -> list[dict[str, Any]]:
+    runs = []
+    for folder in folders:
+        if not folder.exists():
+            raise SystemExit(f"training_results: no such folder {folder}")
+        for path in sorted(folder.rglob("metrics.json")):
+            metrics = json.loads(path.read_text())
+            policy, behaviour = metrics["evaluation"]["policy"], metrics["evaluation"]["behaviour"]
+            runs.append({
+                "agent": metrics["agent"], "seed": metrics["seed"], "run": str(path.parent),
+                "remission": policy["remission"], "behaviour_remission": behaviour["remission"],
+                "behaviour": behaviour["policy"], "value": policy["value"]["value"],
+                "dropout": policy["dropout"]["value"], "blocked_actions_chosen": policy["blocked_actions_chosen"],
+                "relative_gain": policy["remission"]["value"] / behaviour["remission"]["value"] - 1.0,
+                # the behaviour policy's true rate inside this policy's 95 % interval
+                "behaviour_inside_interval": policy["remission"]["low"] <= behaviour["remission"]["value"]
+                <= policy["remission"]["high"],
+            })
+    if not runs:
+        raise SystemExit(f"training_results: no metrics.json under {', '.join(map(str, folders))}")
+    return runs
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    agents: dict[str, dict[str, Any]] = {}
+    for agent in sorted({r["agent"] for r in runs}):
+        mine = [r for r in runs if r["agent"] == agent]
+        agents[agent] = {
+            "seeds": sorted(r["seed"] for r in mine),
+            "remission_mean": sum(r["remission"]["value"] for r in mine) / len(mine),
+            "behaviour_remission": mine[0]["behaviour_remission"]["value"],
+            "relative_gain_min": min(r["relative_gain"] for r in mine),
+            "relative_gain_mean": sum(r["relative_gain"] for r in mine) / len(mine),
+            "behaviour_inside_every_interval": all(r["behaviour_inside_interval"] for r in mine),
+            "blocked_actions_chosen": sum(r["blocked_actions_chosen"] for r in mine),
+        }
+    return agents
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="folders holding train.py runs")
+    parser.add_argument("--out", type=Path, default=RESULTS / "training_results.json")
+    args = parser.parse_args()
+    runs = collect(args.folders)
+    for r in sorted(runs, key=lambda r: (r["agent"], r["seed"])):
+        rem, beh = r["remission"], r["behaviour_remission"]
+        print(f"{r['agent']:14s} seed {r['seed']}: remission {100 * rem['value']:.1f} % "
+              f"[{100 * rem['low']:.1f}, {100 * rem['high']:.1f}] vs {r['behaviour']} {100 * beh['value']:.1f} % "
+              f"[{100 * beh['low']:.1f}, {100 * beh['high']:.1f}]  {100 * r['relative_gain']:+.0f} %  "
+              f"blocked {r['blocked_actions_chosen']}")
+    agents = summarise(runs)
+    for name, s in agents.items():
+        print(f"{name:14s} seeds {s['seeds']}: mean remission {100 * s['remission_mean']:.1f} % vs "
+              f"{100 * s['behaviour_remission']:.1f} %, relative gain min {100 * s['relative_gain_min']:+.0f} % "
+              f"mean {100 * s['relative_gain_mean']:+.0f} %, behaviour inside every interval: "
+              f"{s['behaviour_inside_every_interval']}, blocked actions {s['blocked_actions_chosen']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"runs": runs, "agents": agents}, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
