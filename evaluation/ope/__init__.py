@@ -42,8 +42,7 @@ from evaluation.ope.weights import (
     target_probabilities,
 )
 
-# FQE imports torch, so it is not imported here; use ``from evaluation.ope.fqe import ...``.
-# from evaluation.ope.fqe import fqe
+# FQE imports torch, so it is not imported here: ``from evaluation.ope.fqe import FQEConfig, fit_fqe``.
 
 __all__ = [
     "ESTIMATORS",
