@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "simulate a cohort under baseline policies and summarise outcomes"),
     "calibrate": ("evaluation.cli", "configure_calibrate", "run_calibrate",
                   "check the simulator against the published calibration targets"),
+    "evaluate": ("evaluation.cli", "configure_evaluate", "run_evaluate",
+                 "compare policies off-policy on logged data: estimates, intervals, fairness, report"),
     "data": ("offline_data.cli", "configure_data", "run_data",
              "logged data: generate under a behaviour policy, import (validate, pseudonymise), describe"),
 }

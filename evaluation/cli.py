@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from carepath.argtypes import level, non_negative_int, positive_int, probability
 from envs.params import EnvSettings, load_params
 from policies.baselines import BASELINES, make_baseline
 
@@ -20,18 +21,6 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp.replace(path)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
 
 
 # ----------------------------------------------------------------------------- simulate
@@ -40,10 +29,10 @@ def _probability(text: str) -> float:
 def configure_simulate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", action="append", choices=sorted(BASELINES),
                         help="baseline policy to simulate (repeat for several; default: all)")
-    parser.add_argument("--epsilon", type=_probability, default=0.0,
+    parser.add_argument("--epsilon", type=probability, default=0.0,
                         help="share of uniformly random allowed actions mixed into each policy (default 0)")
-    parser.add_argument("--patients", type=_positive_int, default=5000, help="simulated patients (default 5000)")
-    parser.add_argument("--weeks", type=_positive_int, default=26, help="horizon in weeks (default 26)")
+    parser.add_argument("--patients", type=positive_int, default=5000, help="simulated patients (default 5000)")
+    parser.add_argument("--weeks", type=positive_int, default=26, help="horizon in weeks (default 26)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--params", type=Path, default=None, help="simulator parameter YAML (default: calibrated)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
@@ -120,3 +109,149 @@ def run_calibrate(args: argparse.Namespace) -> int:
         plot_trajectories_by_responder_type(args.plot, params=params, seed=args.seed)
         print(f"written {args.plot}")
     return 1 if args.strict and not all(t.inside for t in targets) else 0
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+
+
+#: As evaluation.compare's ALL_ESTIMATORS, DEFAULT_ESTIMATORS and COMPARE_INTERVALS (a test checks), spelled
+#: here so that ``carepath evaluate --help`` does not import scipy and torch.
+EVALUATE_ESTIMATORS = ("is", "wis", "pdis", "wpdis", "dr", "wdr", "fqe")
+EVALUATE_DEFAULT_ESTIMATORS = ("wis", "wpdis", "dr", "wdr", "fqe")
+EVALUATE_INTERVALS = ("bootstrap", "bca", "t")
+
+
+def configure_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Compare policies off-policy on logged data: estimates with intervals, optional simulator "
+                          "ground truth, fairness by subgroup; writes report.json, report.md, report.html, plots "
+                          "and TensorBoard scalars. Decision support for reviewers.")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="logged data, Parquet or CSV in the offline_data schema (e.g. data/test.parquet)")
+    parser.add_argument("--policy", action="append", required=True, metavar="POLICY",
+                        help="a policy bundle folder, or a baseline name (stard, usual_care, random) with an "
+                             "optional ':epsilon', e.g. stard:0.1; repeat to compare several")
+    parser.add_argument("--estimators", default=",".join(EVALUATE_DEFAULT_ESTIMATORS),
+                        help=f"comma list of {', '.join(EVALUATE_ESTIMATORS)}, or 'all' "
+                             f"(default {','.join(EVALUATE_DEFAULT_ESTIMATORS)})")
+    parser.add_argument("--interval", choices=EVALUATE_INTERVALS, default="bootstrap",
+                        help="interval of the importance-sampling and DR estimates (default bootstrap; FQE always "
+                             "gets a percentile bootstrap)")
+    parser.add_argument("--level", type=level, default=0.95, help="interval level (default 0.95)")
+    parser.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resamples and the simulator (default 0)")
+    parser.add_argument("--truth-patients", type=non_negative_int, default=0,
+                        help="simulated patients per policy for ground truth (default 0: no simulator truth)")
+    parser.add_argument("--out", type=Path, required=True, help="report folder (replaces an earlier report there)")
+    parser.add_argument("--no-fqe", action="store_true",
+                        help="skip FQE, and with it DR and WDR (which use its Q-function)")
+    parser.add_argument("--fqe-iterations", type=positive_int, default=None,
+                        help="FQE iterations (default: FQEConfig's, at least the horizon)")
+    parser.add_argument("--fqe-updates", type=positive_int, default=None,
+                        help="FQE gradient updates per iteration (default: FQEConfig's)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+
+
+class _EvaluateError(Exception):
+    """A bad input of ``carepath evaluate``: one line for the user, exit 1."""
+
+
+def _evaluate_estimators(args: argparse.Namespace) -> tuple[str, ...]:
+    from evaluation.compare import DEFAULT_ESTIMATORS, NEEDS_FQE, resolve_estimators
+
+    try:
+        names = resolve_estimators(args.estimators)
+    except ValueError as err:
+        raise _EvaluateError(f"--estimators: {err}") from None
+    if args.no_fqe:
+        explicit = args.estimators.strip() not in ("all", ",".join(DEFAULT_ESTIMATORS))
+        dropped = [n for n in names if n in NEEDS_FQE]
+        if explicit and dropped:
+            raise _EvaluateError(f"--estimators {','.join(dropped)} need FQE, which --no-fqe turns off; "
+                                 "remove them or drop --no-fqe")
+        names = tuple(n for n in names if n not in NEEDS_FQE)
+        if not names:
+            raise _EvaluateError("--no-fqe leaves no estimator; add e.g. --estimators wis,wpdis")
+    return names
+
+
+def _evaluate_policies(specs: list[str]) -> dict[str, Any]:
+    from policies import BASELINES, BundleError, load
+
+    policies: dict[str, Any] = {}
+    for spec in specs:
+        policy: Any
+        path = Path(spec)
+        if path.exists():
+            try:
+                policy = load(path)
+            except (BundleError, OSError, ValueError) as err:
+                raise _EvaluateError(f"--policy {spec}: the bundle does not load: {err}") from None
+            label = str(policy.name)
+        else:
+            name, _, eps_text = spec.partition(":")
+            if name not in BASELINES:
+                raise _EvaluateError(f"--policy {spec}: unknown policy: not a baseline name "
+                                     f"({', '.join(sorted(BASELINES))}, optionally with ':epsilon') and no bundle "
+                                     f"folder at {path}")
+            try:
+                epsilon = float(eps_text) if eps_text else 0.0
+            except ValueError:
+                raise _EvaluateError(f"--policy {spec}: epsilon {eps_text!r} is not a number") from None
+            if not 0.0 <= epsilon <= 1.0:
+                raise _EvaluateError(f"--policy {spec}: epsilon must be in [0, 1], got {eps_text}")
+            policy = make_baseline(name, epsilon)
+            label = spec
+        k, unique = 1, label
+        while unique in policies:
+            k += 1
+            unique = f"{label}#{k}"
+        policies[unique] = policy
+    return policies
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import sys
+
+    from evaluation.report import check_output_folder
+
+    try:
+        names = _evaluate_estimators(args)
+        check_output_folder(args.out)
+        policies = _evaluate_policies(args.policy)
+        from offline_data.dataset import load_dataset
+
+        if not args.data.exists():
+            raise _EvaluateError(f"--data {args.data}: no such file")
+        try:
+            dataset = load_dataset(args.data)
+        except (FileNotFoundError, ValueError) as err:  # DataFileError and ValidationError are ValueErrors
+            raise _EvaluateError(f"--data {args.data}: {err}") from None
+        fqe_config = None
+        if any(n in names for n in ("fqe", "dr", "wdr")):
+            from evaluation.ope.fqe import FQEConfig
+
+            options = {"iterations": args.fqe_iterations, "updates_per_iteration": args.fqe_updates}
+            fqe_config = FQEConfig(**{k: v for k, v in options.items() if v is not None})
+        from evaluation.compare import compare_policies
+        from evaluation.report import write_report
+
+        try:
+            result = compare_policies(dataset, policies, estimators=names, interval=args.interval, level=args.level,
+                                      n_boot=args.n_boot, seed=args.seed, fqe_config=fqe_config,
+                                      truth_patients=args.truth_patients, progress=not args.quiet)
+            out = write_report(result, args.out)
+        except ValueError as err:
+            raise _EvaluateError(str(err)) from None
+    except (_EvaluateError, ValueError) as err:
+        print(f"carepath evaluate: error: {err}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        headline = result.headline
+        print(f"{len(result.policies)} policies on {result.data['episodes']} episodes ({args.data}); "
+              f"{result.level:.0%} intervals; decision support")
+        for p in result.policies:
+            print(f"  {p.label:<30} {p.estimates[headline]}")
+        print(f"written {out}/report.md, report.html, report.json, plots/, tensorboard/")
+    return 0

@@ -13,31 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from carepath.argtypes import non_negative_int, positive_int, probability
 from policies.baselines import BASELINES
 
 EPILOG = ("exit status: 0 done; 1 invalid or unreadable input data (nothing written); 2 usage error. "
           "Everything carepath simulates is synthetic; imported data are pseudonymised.")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
 
 
 def _scale(text: str) -> float:
@@ -58,18 +41,18 @@ def configure_data(parser: argparse.ArgumentParser) -> None:
                          epilog=EPILOG)
     gen.add_argument("--config", help="data config: a YAML path or a name in configs/data/ (e.g. stard)")
     gen.add_argument("--policy", choices=sorted(BASELINES), default=None, help="behaviour policy (default stard)")
-    gen.add_argument("--epsilon", type=_probability, default=None,
+    gen.add_argument("--epsilon", type=probability, default=None,
                      help="share of uniformly random allowed actions mixed in (default 0.1)")
-    gen.add_argument("--patients", type=_positive_int, default=None, help="patients to simulate (default 10000)")
-    gen.add_argument("--seed", type=_non_negative_int, default=None, help="random seed (default 0)")
+    gen.add_argument("--patients", type=positive_int, default=None, help="patients to simulate (default 10000)")
+    gen.add_argument("--seed", type=non_negative_int, default=None, help="random seed (default 0)")
     gen.add_argument("--out", type=Path, default=None, help="output file, .parquet (or .csv, without metadata)")
     gen.add_argument("--env", default=None, help="simulator settings: a name in configs/env/ (e.g. stress)")
-    gen.add_argument("--horizon", type=_positive_int, default=None, help="weeks per patient (default 26)")
+    gen.add_argument("--horizon", type=positive_int, default=None, help="weeks per patient (default 26)")
     gen.add_argument("--missingness", type=_scale, default=None, help="x calibrated share of missing measurements")
     gen.add_argument("--observation-noise", type=_scale, default=None, help="x calibrated measurement noise")
     gen.add_argument("--heterogeneity", type=_scale, default=None, help="x calibrated between-patient variation")
     gen.add_argument("--params", default=None, help="simulator parameter YAML (default: the calibrated one)")
-    gen.add_argument("--chunk-size", type=_positive_int, default=None,
+    gen.add_argument("--chunk-size", type=positive_int, default=None,
                      help="patients simulated together (memory; part of the seed recipe; default 25000)")
     gen.add_argument("--true-phq9", action=argparse.BooleanOptionalAction, default=None,
                      help="include the hidden severity column, for evaluation only (default: yes)")
@@ -84,10 +67,10 @@ def configure_data(parser: argparse.ArgumentParser) -> None:
     imp.add_argument("--out", type=Path, required=True, help="clean output, .parquet")
     imp.add_argument("--key-file", type=Path, default=None,
                      help="file holding the pseudonymisation key (else env CAREPATH_PSEUDONYM_KEY)")
-    imp.add_argument("--k", type=_positive_int, default=5, help="k-anonymity threshold (default 5)")
+    imp.add_argument("--k", type=positive_int, default=5, help="k-anonymity threshold (default 5)")
     imp.add_argument("--id-column", default=None, help="column identifying the patient (default patient_id)")
     imp.add_argument("--date-column", default=None, help="calendar date column that gives the week when there is no t")
-    imp.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the behaviour model's sample")
+    imp.add_argument("--seed", type=non_negative_int, default=0, help="seed of the behaviour model's sample")
 
     desc = sub.add_parser("describe", help="summarise a logged-data file", epilog=EPILOG)
     desc.add_argument("file", type=Path, help="a clean .parquet or .csv log")
