@@ -66,7 +66,8 @@ def logged_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     return dataset, provenance
 
 
-def train_offline(cfg: DictConfig, agent: Any, run_dir: Path, writer: Any) -> dict[str, Any]:
+def train_offline(cfg: DictConfig, agent: Any, run_dir: Path, writer: Any) -> tuple[dict[str, Any], Any]:
+    """Train on the train split; returns the data's provenance and the validation split (for OPE)."""
     from agents.common.replay import replay_from_transitions
     from offline_data.dataset import split_by_patient
 
@@ -92,7 +93,23 @@ def train_offline(cfg: DictConfig, agent: Any, run_dir: Path, writer: Any) -> di
               callback=lambda step, m: [writer.add_scalar(f"train/{k}", v, step) for k, v in m.items()],
               log_every=max(1, min(250, total // 4)), checkpoint=save_checkpoint,
               checkpoint_every=int(cfg.checkpoint_every))
-    return provenance
+    return provenance, parts["validation"]
+
+
+def off_policy_evaluation(cfg: DictConfig, policy: Any, validation: Any, writer: Any) -> dict[str, Any]:
+    """What the logged validation patients alone say about the policy (``ope/*`` scalars), to set
+    beside the simulator's ground truth: the check a real deployment has to rely on."""
+    from evaluation.compare import add_scalars, compare_policies
+    from evaluation.ope.fqe import FQEConfig
+
+    ope = cfg.eval.ope
+    fqe = FQEConfig(iterations=int(ope.fqe_iterations), updates_per_iteration=int(ope.fqe_updates),
+                    seed=int(cfg.seed))
+    result = compare_policies(validation, {"policy": policy}, estimators=tuple(ope.estimators),
+                              n_boot=int(ope.n_boot), level=float(ope.level), seed=int(cfg.seed), fqe_config=fqe,
+                              fairness=bool(ope.fairness), progress=bool(cfg.progress))
+    add_scalars(writer, result, "policy")
+    return dict(result.to_json())
 
 
 def train_online(cfg: DictConfig, agent: Any, writer: Any) -> dict[str, Any]:
@@ -154,8 +171,9 @@ def main(cfg: DictConfig) -> float:
     agent = make_agent(agent_entry.name, params)
     writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
     try:
+        validation = None
         if agent_entry.kind == "offline":
-            data = train_offline(cfg, agent, run_dir, writer)
+            data, validation = train_offline(cfg, agent, run_dir, writer)
         else:
             data = train_online(cfg, agent, writer)
         bundle_dir = run_dir / "policy"
@@ -165,11 +183,14 @@ def main(cfg: DictConfig) -> float:
 
         policy = load(bundle_dir)
         results = evaluate(cfg, policy, writer)
+        evaluation: dict[str, Any] = {"simulator_ground_truth": results}
+        if validation is not None and cfg.eval.ope.enabled:
+            evaluation["off_policy_validation"] = off_policy_evaluation(cfg, policy, validation, writer)
         # record the evaluation in the bundle itself (re-saved atomically with the same weights)
-        agent.export(bundle_dir, name=policy.name, config=resolved, data=data,
-                     evaluation={"simulator_ground_truth": results}, overwrite=True)
+        agent.export(bundle_dir, name=policy.name, config=resolved, data=data, evaluation=evaluation, overwrite=True)
         remission = results["policy"]["remission"]
         metrics = {"agent": agent_entry.name, "seed": int(cfg.seed), "data": data, "evaluation": results,
+                   "off_policy_validation": evaluation.get("off_policy_validation"),
                    "wall_time_s": round(time.perf_counter() - started, 1)}
         writer.add_hparams({"agent": agent_entry.name, "seed": int(cfg.seed),
                             "train_fraction": float(cfg.train_fraction)},

@@ -79,7 +79,10 @@ def test_smoke_run_trains_evaluates_logs_and_bundles(tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/td_loss", "eval/remission", "eval/remission_lo", "eval/remission_hi",
-            "safety/blocked_actions_chosen", "safety/referral_when_item9_high"} <= tags
+            "safety/blocked_actions_chosen", "safety/referral_when_item9_high",
+            "ope/wis/value", "ope/wis/lo", "ope/wis/hi", "ope/fqe/value", "ope/wdr/value"} <= tags
+    ope = metrics["off_policy_validation"]
+    assert ope is not None and policy.manifest.evaluation["off_policy_validation"] == ope
     assert (run / "config.yaml").exists() and not (run / "checkpoint.pt").exists()
     again = run_train(tmp_path, "agent=bcq", "seed=1", check=False)
     assert again.returncode != 0 and "overwrite=true" in (again.stdout + again.stderr)
