@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from agents.common.replay import Batch
-from agents.offline.base import OfflineAgent, OfflineConfig
+from agents.offline.base import OfflineAgent, OfflineConfig, adam
 from agents.registry import register
 from policies.bundle import ActionSelection
 
@@ -28,8 +28,8 @@ class BehaviourCloning(OfflineAgent):
     config: BCConfig
 
     def build(self) -> None:
-        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.config.learning_rate,
-                                           weight_decay=self.config.weight_decay)
+        self.optimizer = adam(self.network.parameters(), self.config.learning_rate,
+                              weight_decay=self.config.weight_decay, decoupled=True)
 
     def selection(self) -> ActionSelection:
         return ActionSelection("softmax", temperature=1.0)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from agents.common.replay import Batch, masked_argmax
-from agents.offline.base import OfflineAgent, OfflineConfig
+from agents.offline.base import OfflineAgent, OfflineConfig, adam
 from agents.registry import register
 from envs.spec import N_ACTIONS, N_FEATURES
 from policies.networks import NetworkSpec
@@ -46,7 +46,7 @@ class DiscreteBCQ(OfflineAgent):
 
     def build(self) -> None:
         self.target = copy.deepcopy(self.network).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=self.config.learning_rate)
+        self.optimizer = adam(self.network.parameters(), self.config.learning_rate)
 
     def _plausible(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         log_rel = torch.log_softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
