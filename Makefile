@@ -49,6 +49,8 @@ benchmarks: venv
 	$(BIN)/python benchmarks/sim_throughput.py
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/ope_speed.py
+	$(BIN)/python benchmarks/ope_accuracy.py --model-repeats 2 --fqe-updates 100
 	$(BIN)/python benchmarks/calibration.py
 
 tensorboard: venv
