@@ -94,11 +94,14 @@ def minimal_cql_rate(replay: TensorReplay, device: str, updates: int, repeats: i
     optimizer = torch.optim.Adam(q_net.parameters(), lr=3e-4)
     steps = [0]
 
+    # the plain way: one contiguous tensor per field, one gather each
+    data = [t.contiguous().clone() for t in (replay.obs, replay.actions, replay.rewards, replay.next_obs,
+                                             replay.dones, replay.masks, replay.next_masks)]
+
     def work(k: int) -> None:
         for _ in range(k):
             idx = torch.randint(replay.n, (BATCH,), device=replay.device)
-            obs, act, rew = replay.obs[idx], replay.actions[idx], replay.rewards[idx]
-            nxt, done, mask, nmask = replay.next_obs[idx], replay.dones[idx], replay.masks[idx], replay.next_masks[idx]
+            obs, act, rew, nxt, done, mask, nmask = (t[idx] for t in data)
             with torch.no_grad():
                 a_next = q_net(nxt).masked_fill(~nmask, float("-inf")).argmax(1, keepdim=True)
                 y = rew + 0.99 * (1 - done) * target(nxt).gather(1, a_next).squeeze(1)
