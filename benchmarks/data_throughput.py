@@ -165,10 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"validate a raw CSV of {figures['raw_csv']['rows']:,} rows ({figures['raw_csv']['file_mib']:.0f} MiB): "
           f"{v['seconds']:.1f} s (read {v['rows_read_s']:.1f} s); full import with pseudonymisation and write "
           f"{v['full_import_s']:.1f} s   [target <= 20 s]")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-    tmp_out.write_text(json.dumps(figures, indent=2))
-    tmp_out.replace(args.out)
+    from evaluation.cli import write_json_atomic  # atomic: never a half-written result
+
+    write_json_atomic(args.out, figures)
     print(f"written {args.out}")
 
 

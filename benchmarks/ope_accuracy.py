@@ -18,7 +18,6 @@ Prints one table and writes ``benchmarks/results/ope_accuracy.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -133,10 +132,9 @@ def main() -> None:
     result = {"setting": vars(args) | {"out": str(args.out)}, "zoo": names,
               "truth": {n: truths[n].__dict__ for n in names}, "estimators": table, "rows": rows,
               "wall_s": round(time.perf_counter() - started, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    tmp_out.replace(args.out)
+    from evaluation.cli import write_json_atomic  # atomic: never a half-written result
+
+    write_json_atomic(args.out, result)
     print(f"wrote {args.out} ({result['wall_s']} s)")
 
 

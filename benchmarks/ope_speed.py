@@ -21,7 +21,6 @@ best run is the least disturbed). Data generation is not timed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -122,10 +121,9 @@ def main(argv: list[str] | None = None) -> None:
           f"logged-action probabilities from them: {figures['logged_action_probs_s'] * 1e3:.1f} ms")
     print(f"all six estimators, one shared {args.n_boot}-resample bootstrap: "
           f"{figures['all_six_shared_bootstrap_s']:.3f} s")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(figures, indent=2))
-    tmp.replace(args.out)
+    from evaluation.cli import write_json_atomic  # atomic: never a half-written result
+
+    write_json_atomic(args.out, figures)
     print(f"written {args.out}")
 
 

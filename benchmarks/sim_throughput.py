@@ -15,7 +15,6 @@ best repeat is the one least disturbed by other work.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -168,10 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     mem = figures["memory"]
     print(f"100,000 patients: state {mem['state_mib']:.0f} MiB, peak traced during 26 weeks "
           f"{mem['peak_traced_mib']:.0f} MiB; process max RSS {figures['max_rss_mib']:.0f} MiB")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(json.dumps(figures, indent=2))
-    tmp.replace(args.out)
+    from evaluation.cli import write_json_atomic  # atomic: never a half-written result
+
+    write_json_atomic(args.out, figures)
     print(f"written {args.out}")
 
 

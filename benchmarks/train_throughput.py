@@ -17,7 +17,6 @@ repeat is the one least disturbed by other work.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -165,10 +164,9 @@ def main() -> None:
         results["default_train"] = default_train_wall_time()
         print(f"python train.py (cold cache): {results['default_train']['wall_s']} s  "
               f"{results['default_train']['summary']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(args.out)
+    from evaluation.cli import write_json_atomic  # atomic: never a half-written result
+
+    write_json_atomic(args.out, results)
     print(f"wrote {args.out}")
 
 

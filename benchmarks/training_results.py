@@ -77,10 +77,9 @@ def main() -> None:
               f"{100 * s['behaviour_remission']:.1f} %, relative gain min {100 * s['relative_gain_min']:+.0f} % "
               f"mean {100 * s['relative_gain_mean']:+.0f} %, behaviour inside every interval: "
               f"{s['behaviour_inside_every_interval']}, blocked actions {s['blocked_actions_chosen']}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"runs": runs, "agents": agents}, indent=2) + "\n")
-    tmp.replace(args.out)
+    from evaluation.cli import write_json_atomic  # atomic: never a half-written result
+
+    write_json_atomic(args.out, {"runs": runs, "agents": agents})
     print(f"wrote {args.out}")
 
 
