@@ -151,6 +151,7 @@ def main(cfg: DictConfig) -> float:
     from torch.utils.tensorboard import SummaryWriter
 
     from agents import entry, make_agent
+    from evaluation.cli import write_json_atomic
 
     started = time.perf_counter()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -198,9 +199,7 @@ def main(cfg: DictConfig) -> float:
                             "hparam/value": results["policy"]["value"]["value"]}, run_name=".")
     finally:
         writer.close()
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2, default=str))
-    tmp.replace(run_dir / "metrics.json")
+    write_json_atomic(run_dir / "metrics.json", metrics)
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     behaviour = results["behaviour"]["remission"]
     print(f"{agent_entry.name} seed {cfg.seed}: remission {100 * remission['value']:.1f} % "

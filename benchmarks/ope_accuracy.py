@@ -28,10 +28,7 @@ from tqdm import tqdm
 
 from evaluation.ground_truth import rollout
 from evaluation.ope import (
-    RatioTerms,
-    bootstrap_values,
     estimate_all,
-    percentile_interval,
     regret_at_k,
     spearman,
     target_probabilities,
@@ -45,26 +42,20 @@ IS_ESTIMATORS = ("is", "wis", "pdis", "wpdis")
 Triple = tuple[float, float | None, float | None]  # value, low, high (no interval: None)
 
 
-def model_estimates(data: Any, policy: Any, probs: np.ndarray, seed: int, n_boot: int, level: float,
+def model_estimates(episodes: Any, policy: Any, seed: int, n_boot: int, level: float,
                     fqe_updates: int | None) -> dict[str, Triple]:
-    """FQE, DR and WDR for one candidate: FQE's Q-model feeds both doubly robust estimators."""
-    from evaluation.ope.fqe import FQEConfig, fit_fqe
+    """FQE, DR and WDR for one candidate, as ``carepath evaluate`` computes them: one FQE fit feeds
+    both doubly robust estimators, and FQE's own interval ignores the Q-model's error."""
+    from evaluation.compare import compare_policies
+    from evaluation.ope.fqe import FQEConfig
 
-    episodes = data.episodes()
     options: dict[str, Any] = {"seed": seed, "device": "cpu"}
     if fqe_updates is not None:
         options["updates_per_iteration"] = fqe_updates
-    result = fit_fqe(policy, data.transitions(), FQEConfig(**options), progress=False)
-    q_hat = result.q_hat(episodes)
-    out: dict[str, Triple] = {}
-    for name, est in estimate_all(episodes, probs, names=("dr", "wdr"), q_hat=q_hat, interval="bootstrap",
-                                  level=level, n_boot=n_boot, seed=seed).items():
-        out[name] = (est.value, est.low, est.high)
-    # FQE's own interval: bootstrap over episodes' initial values; it ignores the
-    # Q-model's error, which is what this benchmark shows
-    boot = percentile_interval(bootstrap_values([RatioTerms.mean(result.initial_values)], n_boot, seed)[0], level)
-    out["fqe"] = (result.value, boot.low, boot.high)
-    return out
+    result = compare_policies(episodes, {"candidate": policy}, estimators=("dr", "wdr", "fqe"), level=level,
+                              n_boot=n_boot, seed=seed, fqe_config=FQEConfig(**options), fairness=False,
+                              progress=False)
+    return {name: (est.value, est.low, est.high) for name, est in result.policy("candidate").estimates.items()}
 
 
 def main() -> None:
@@ -100,7 +91,7 @@ def main() -> None:
                     for name, e in estimate_all(episodes, probs, names=IS_ESTIMATORS, interval="bootstrap",
                                                 level=args.level, n_boot=args.n_boot, seed=rep).items()}
                 if rep < args.model_repeats:
-                    found |= model_estimates(data, policy, probs, rep, args.n_boot, args.level, args.fqe_updates)
+                    found |= model_estimates(episodes, policy, rep, args.n_boot, args.level, args.fqe_updates)
                 for name, (value, low, high) in found.items():
                     rows.append({"repeat": rep, "policy": policy.name, "estimator": name, "value": value,
                                  "low": low, "high": high, "truth": truths[policy.name].value})
