@@ -70,8 +70,9 @@ class TensorReplay:
         self.next_masks[empty, 0] = True
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # Every column of a transition in one row, so that a batch is one gather instead of
-        # seven (sampling was a sixth of an update). The per-field tensors above become
-        # views into it, so the data is held once.
+        # seven (sampling was a sixth of an update). Observations, rewards and dones become
+        # views into it (held once); actions and masks keep their integer and bool copies,
+        # which callers index directly and which are small.
         f, a = self.obs.shape[1], self.masks.shape[1]
         self._packed = torch.cat([self.obs, self.next_obs, self.rewards[:, None], self.dones[:, None],
                                   self.actions[:, None].to(torch.float32), self.masks.to(torch.float32),
