@@ -112,6 +112,20 @@ def off_policy_evaluation(cfg: DictConfig, policy: Any, validation: Any, writer:
     return dict(result.to_json())
 
 
+def prepare_for_serving(cfg: DictConfig, bundle_dir: Path, validation: Any) -> None:
+    """Store what serving needs in the bundle (SHAP background, benefit ensemble), fitted on the
+    validation split, so that ``carepath serve --policy <run>/policy`` works at once."""
+    from serving.benefit import BenefitConfig
+    from serving.prepare import PrepareConfig, prepare_bundle
+
+    ex = cfg.explain
+    config = PrepareConfig(background_size=int(ex.background_size), seed=int(cfg.seed),
+                           benefit=BenefitConfig(members=int(ex.members), horizon_weeks=int(ex.horizon_weeks),
+                                                 updates_per_iteration=int(ex.updates_per_iteration),
+                                                 level=float(ex.level), seed=int(cfg.seed)))
+    prepare_bundle(bundle_dir, validation, config, source="validation split", progress=bool(cfg.progress))
+
+
 def train_online(cfg: DictConfig, agent: Any, writer: Any) -> dict[str, Any]:
     agent.config.total_timesteps = max(1, int(agent.config.total_timesteps * float(cfg.train_fraction)))
     agent.fit(callback=lambda step, m: [writer.add_scalar(f"train/{k}", v, step) for k, v in m.items()],
@@ -189,6 +203,8 @@ def main(cfg: DictConfig) -> float:
             evaluation["off_policy_validation"] = off_policy_evaluation(cfg, policy, validation, writer)
         # record the evaluation in the bundle itself (re-saved atomically with the same weights)
         agent.export(bundle_dir, name=policy.name, config=resolved, data=data, evaluation=evaluation, overwrite=True)
+        if validation is not None and cfg.explain.enabled:
+            prepare_for_serving(cfg, bundle_dir, validation)
         remission = results["policy"]["remission"]
         metrics = {"agent": agent_entry.name, "seed": int(cfg.seed), "data": data, "evaluation": results,
                    "off_policy_validation": evaluation.get("off_policy_validation"),

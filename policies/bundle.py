@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +36,8 @@ BUNDLE_FORMAT = "carepath-policy-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
+#: Names of further tensor files a bundle may carry (never the weights file's name).
+EXTRA_FILE = re.compile(r"(?!weights\.)[a-z][a-z0-9_]*\.safetensors")
 
 
 class BundleError(ValueError):
@@ -79,6 +83,8 @@ class BundleManifest:
     explain: dict[str, Any] = field(default_factory=dict)  # e.g. a SHAP background, added by serving
     created: str = ""
     weights_sha256: str = ""
+    #: further safetensors files in the folder (e.g. serving's benefit model): name -> sha256
+    files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,6 +105,7 @@ class BundleManifest:
             "explain": self.explain,
             "created": self.created,
             "weights_sha256": self.weights_sha256,
+            "files": self.files,
         }
 
     @classmethod
@@ -114,6 +121,11 @@ class BundleManifest:
                           ("action_names", list), ("weights_sha256", str)):
             if not isinstance(d.get(key), kind):
                 raise BundleError(f"{where}: field {key!r} must be a {kind.__name__}, got {d.get(key)!r}")
+        files = d.get("files", {})
+        if not isinstance(files, dict) or not all(
+            isinstance(k, str) and EXTRA_FILE.fullmatch(k) and isinstance(v, str) for k, v in files.items()
+        ):
+            raise BundleError(f"{where}: field 'files' must map names like 'benefit.safetensors' to sha256 hex digests")
         try:
             network = NetworkSpec.from_dict(d["network"])
             selection = ActionSelection(**d.get("selection", {}))
@@ -125,7 +137,7 @@ class BundleManifest:
             spec_version=int(d.get("spec_version", 0)), config=dict(d.get("config", {})),
             data=dict(d.get("data", {})), code_version=str(d.get("code_version", "")),
             evaluation=dict(d.get("evaluation", {})), explain=dict(d.get("explain", {})),
-            created=str(d.get("created", "")), weights_sha256=d["weights_sha256"],
+            created=str(d.get("created", "")), weights_sha256=d["weights_sha256"], files=dict(files),
         )
 
 
@@ -146,8 +158,18 @@ def code_version() -> str:
         return "carepath (not installed)"
 
 
-def save_bundle(path: str | Path, network: PolicyNetwork, manifest: BundleManifest, overwrite: bool = False) -> Path:
-    """Write a bundle folder atomically: built under a temporary name, then renamed."""
+def save_bundle(
+    path: str | Path,
+    network: PolicyNetwork,
+    manifest: BundleManifest,
+    overwrite: bool = False,
+    extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write a bundle folder atomically: built under a temporary name, then renamed.
+
+    ``extra_tensors`` maps further file names (``EXTRA_FILE``) to tensors to store
+    beside the weights; their hashes go to ``manifest.files`` and are checked on load.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
@@ -159,6 +181,12 @@ def save_bundle(path: str | Path, network: PolicyNetwork, manifest: BundleManife
         tensors = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS))
         manifest.weights_sha256 = sha256_file(tmp / WEIGHTS)
+        manifest.files = {}
+        for name, extra in (extra_tensors or {}).items():
+            if not EXTRA_FILE.fullmatch(name):
+                raise ValueError(f"extra bundle file name {name!r} must look like 'benefit.safetensors'")
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / name))
+            manifest.files[name] = sha256_file(tmp / name)
         manifest.created = manifest.created or datetime.now(UTC).isoformat(timespec="seconds")
         manifest.code_version = manifest.code_version or code_version()
         (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2, default=str))
@@ -224,6 +252,12 @@ class BundlePolicy:
             raise ValueError(f"policy {self.name!r} has no Q ensemble")
         return self.network(torch.as_tensor(np.asarray(obs, dtype=np.float32))).double().numpy()
 
+    def extra_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """A further tensor file of the bundle (see ``save_bundle``), its hash checked again."""
+        if self.path is None or name not in self.manifest.files:
+            raise BundleError(f"policy {self.name!r}: the bundle has no {name}")
+        return _read_checked(self.path / name, self.manifest.files[name])
+
     def q_values(self, obs: NDArray[np.floating]) -> NDArray[np.float64]:
         if not self.has_q_values:
             raise ValueError(f"policy {self.name!r} ({self.algorithm}) outputs logits, not Q-values")
@@ -269,17 +303,49 @@ def load(path: str | Path) -> BundlePolicy:
     ):
         raise BundleError(f"{manifest_path}: network sizes {manifest.network.n_in} -> {manifest.network.n_out} "
                           f"do not match {len(FEATURE_NAMES)} features -> {len(ACTION_NAMES)} actions")
-    actual = sha256_file(weights_path)
-    if actual != manifest.weights_sha256:
-        raise BundleError(f"{weights_path}: sha256 {actual} does not match the recorded "
-                          f"{manifest.weights_sha256}: the weights were changed or corrupted; refusing to load")
-    try:
-        tensors = load_file(str(weights_path))  # safetensors: plain tensors, no code is executed
-    except (SafetensorError, OSError, ValueError) as err:
-        raise BundleError(f"{weights_path}: not a safetensors file ({err})") from None
+    tensors = _read_checked(weights_path, manifest.weights_sha256)
+    for name, digest in manifest.files.items():
+        _read_checked(path / name, digest)
     network = PolicyNetwork(manifest.network)
     try:
         network.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         raise BundleError(f"{weights_path}: weights do not fit the network in {MANIFEST}: {err}") from None
     return BundlePolicy(manifest, network, path)
+
+
+def _read_checked(path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file whose sha256 must be ``expected_sha256``."""
+    if not path.is_file():
+        raise BundleError(f"{path.parent}: missing {path.name}")
+    actual = sha256_file(path)
+    if actual != expected_sha256:
+        raise BundleError(f"{path}: sha256 {actual} does not match the recorded "
+                          f"{expected_sha256}: the file was changed or corrupted; refusing to load")
+    try:
+        return load_file(str(path))  # safetensors: plain tensors, no code is executed
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(f"{path}: not a safetensors file ({err})") from None
+
+
+def update_bundle(
+    path: str | Path,
+    *,
+    explain: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
+    extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> BundlePolicy:
+    """Re-save a bundle with new ``explain`` / ``evaluation`` sections and extra files.
+
+    The weights stay as they are; the folder is rewritten atomically (a reader sees
+    the old bundle or the new one, never a mix). Extra files not given are kept.
+    """
+    policy = load(path)
+    manifest = policy.manifest
+    kept = {name: policy.extra_tensors(name) for name in manifest.files if name not in (extra_tensors or {})}
+    if explain is not None:
+        manifest.explain = explain
+    if evaluation is not None:
+        manifest.evaluation = evaluation
+    save_bundle(path, policy.network, manifest, overwrite=True, extra_tensors={**kept, **(extra_tensors or {})})
+    return load(path)

@@ -1,0 +1,93 @@
+"""SHAP rationale for each suggested action, over the named features.
+
+shap's :class:`~shap.PermutationExplainer` against a small background (the
+k-means centres of the data the policy was prepared on, stored in the bundle):
+with 31 features the Exact explainer would need 2^31 coalitions, while a
+permutation explanation is exact in one respect that matters here, local
+accuracy: along each permutation the contributions telescope, so for every
+action the values add up to ``score(x) - base value`` (float32 round-off
+aside), however few permutations are drawn. The model explained is the
+policy's score for every action at once (one call explains them all).
+
+The explainer is built and run once at start-up (:meth:`Explainer.warm`):
+shap compiles its numba kernels on the first call, which takes seconds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import shap
+from numpy.typing import NDArray
+
+from envs.spec import FEATURE_NAMES, N_FEATURES
+from serving.patient import describe_feature
+
+ScoreFn = Callable[[NDArray[np.float64]], NDArray[np.float64]]
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One feature's SHAP value for one action, with the feature in words."""
+
+    feature: str
+    value: float
+    shap: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """SHAP values (F, A) and base values (A,) for one observation."""
+
+    values: NDArray[np.float64]
+    base_values: NDArray[np.float64]
+    scores: NDArray[np.float64]
+
+    def top(self, action: int, obs: NDArray[np.floating], k: int = 5) -> list[Contribution]:
+        """The ``k`` largest contributions to ``action``'s score, largest magnitude first."""
+        column = self.values[:, action]
+        order = np.argsort(-np.abs(column), kind="stable")[:k]
+        return [Contribution(FEATURE_NAMES[i], float(obs[i]), float(column[i]),
+                             describe_feature(FEATURE_NAMES[i], obs)) for i in order]
+
+
+class Explainer:
+    """Permutation SHAP of ``score_fn`` (rows -> (n, A) scores) against ``background``."""
+
+    def __init__(self, score_fn: ScoreFn, background: NDArray[np.floating], *, permutations: int = 2,
+                 seed: int = 0) -> None:
+        background = np.asarray(background, dtype=np.float64)
+        if background.ndim != 2 or background.shape[1] != N_FEATURES or len(background) == 0:
+            raise ValueError(f"SHAP background must have shape (k, {N_FEATURES}), got {background.shape}")
+        if permutations < 1:
+            raise ValueError(f"SHAP permutations must be at least 1, got {permutations}")
+        self.score_fn = score_fn
+        self.background = background
+        self.seed = seed
+        self._lock = threading.Lock()
+        # one permutation costs 2 * F + 1 evaluations of the model on the background
+        self.max_evals = permutations * (2 * N_FEATURES + 1)
+        masker = shap.maskers.Independent(background, max_samples=len(background))
+        self._explainer = shap.PermutationExplainer(score_fn, masker, feature_names=list(FEATURE_NAMES),
+                                                    seed=seed)
+
+    def warm(self) -> None:
+        """Run one explanation so shap's just-in-time compilation happens now, not on a request."""
+        self.explain(self.background[0])
+
+    def explain(self, obs: NDArray[np.floating]) -> Explanation:
+        """SHAP values of every action's score; the same observation always gets the same values."""
+        x = np.asarray(obs, dtype=np.float64).reshape(1, N_FEATURES)
+        # shap draws its permutations from numpy's global generator: reseed it per call, under a
+        # lock (the server answers from a thread pool), so an explanation is reproducible for audit
+        with self._lock:
+            np.random.seed(self.seed)  # noqa: NPY002 - shap reads the legacy global generator
+            result = self._explainer(x, max_evals=self.max_evals, silent=True)
+        values = np.asarray(result.values, dtype=np.float64)[0]  # (F, A)
+        base = np.asarray(result.base_values, dtype=np.float64)[0]  # (A,)
+        scores = np.asarray(self.score_fn(x), dtype=np.float64)[0]
+        return Explanation(values=values, base_values=base, scores=scores)

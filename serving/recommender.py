@@ -1,0 +1,160 @@
+"""The recommender: a patient's state and a policy bundle -> ranked, explained next steps.
+
+For every action it computes the policy's score, drops what the clinical rules
+block (:func:`envs.rules.action_mask`: with item 9 >= 2 only referral is left,
+and it is marked critical), ranks the rest by the policy's probability and then
+its score, and adds the expected PHQ-9 change against "continue" with an
+interval (:mod:`serving.benefit`) and the SHAP rationale (:mod:`serving.explain`).
+A blocked action never reaches the suggestions: that is checked here a second
+time, after ranking, because it is the one promise serving must keep.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from envs.rules import RULES, action_mask, blocking_rules
+from envs.spec import ACTION_CARE_CLASS, ACTION_LABELS, ACTION_NAMES, FEATURE_INDEX, Action
+from policies.bundle import BundlePolicy, load
+from serving.benefit import BenefitModel
+from serving.explain import Explainer
+from serving.patient import build_observation
+from serving.schemas import (
+    BenefitEstimate,
+    BlockedAction,
+    BlockingRule,
+    Contribution,
+    ImputedFeature,
+    PolicyInfo,
+    Rationale,
+    Recommendation,
+    Suggestion,
+)
+
+TOP_CONTRIBUTIONS = 5
+_CRITICAL_RULE = next(rule for rule in RULES if rule.critical)
+UNCERTAINTY = (
+    "Benefit intervals come from refitting the benefit model on resampled patients; they assume the logged care "
+    "tried each step in patients like this one. Treat a wide interval as 'not known', and a step the logged care "
+    "rarely took as less certain than its interval says."
+)
+
+
+class NotPrepared(ValueError):
+    """The bundle lacks what serving needs (background, medians, benefit model)."""
+
+
+class Recommender:
+    """Load a bundle once (checked), build and warm the explainer, then answer requests."""
+
+    def __init__(self, bundle: str | Path | BundlePolicy, *, warm: bool = True, permutations: int = 2) -> None:
+        self.policy = bundle if isinstance(bundle, BundlePolicy) else load(bundle)
+        explain = self.policy.manifest.explain
+        missing = [key for key in ("background", "feature_medians", "benefit") if key not in explain]
+        if missing:
+            where = self.policy.path or self.policy.name
+            raise NotPrepared(f"policy bundle {where} is not prepared for serving (no {', '.join(missing)}): "
+                              f"run 'carepath prepare --policy {where} --data LOGGED.parquet'")
+        self.medians: dict[str, float] = {k: float(v) for k, v in explain["feature_medians"].items()}
+        self.benefit = BenefitModel.from_bundle(self.policy)
+        self.score_kind = "q_value" if self.policy.has_q_values else "logit"
+        self.explainer = Explainer(self.policy.outputs, np.asarray(explain["background"], dtype=np.float64),
+                                   permutations=permutations)
+        self.info = PolicyInfo(name=self.policy.name, algorithm=self.policy.algorithm,
+                               version=self.policy.manifest.weights_sha256[:12],
+                               created=self.policy.manifest.created,
+                               evaluation_summary=evaluation_summary(self.policy.manifest.evaluation))
+        if warm:
+            self.explainer.warm()
+            self.recommend({}, top_k=1, explain=False)
+
+    def recommend(self, features: Mapping[str, Any], *, top_k: int = 3, explain: bool = True) -> Recommendation:
+        """Ranked allowed next steps for one patient (features by name; missing allowed)."""
+        if not 1 <= top_k <= len(ACTION_NAMES):
+            raise ValueError(f"top_k must be in [1, {len(ACTION_NAMES)}], got {top_k}")
+        patient = build_observation(features, self.medians)
+        obs = patient.obs
+        mask = action_mask(obs[None, :])[0]
+        scores = self.policy.outputs(obs[None, :])[0]
+        probs = self.policy.action_probs(obs[None, :], mask[None, :])[0]
+        order = rank_actions(probs, scores, mask)
+        shown = [a for a in order if mask[a]][:top_k]
+        if any(not mask[a] for a in shown):  # unreachable by construction; refuse rather than suggest
+            raise AssertionError("a blocked action reached the suggestions")
+        benefit = self.benefit.predict(obs[None, :])
+        explanation = self.explainer.explain(obs) if explain else None
+        critical = bool(obs[FEATURE_INDEX["phq9_item9"]] >= 2) and bool(mask[Action.REFER_SPECIALIST])
+        alerts = list(patient.alerts)
+        if critical:
+            alerts.insert(0, f"CRITICAL: {_CRITICAL_RULE.description}. Act today; do not wait for the next visit.")
+        suggestions = []
+        for rank, a in enumerate(shown, start=1):
+            rationale = None
+            if explanation is not None:
+                rationale = Rationale(
+                    method=f"SHAP permutation explainer against {len(self.explainer.background)} k-means background "
+                           f"points; values add up to score minus base value",
+                    base_value=float(explanation.base_values[a]), score=float(explanation.scores[a]),
+                    contributions=[Contribution(**vars(c)) for c in explanation.top(a, obs, TOP_CONTRIBUTIONS)])
+            suggestions.append(Suggestion(
+                id=str(uuid.uuid4()), rank=rank, action=ACTION_NAMES[a], label=ACTION_LABELS[ACTION_NAMES[a]],
+                care_class=ACTION_CARE_CLASS[ACTION_NAMES[a]], score=float(scores[a]),
+                score_kind=self.score_kind,  # type: ignore[arg-type]
+                probability=float(probs[a]), critical=critical and a == Action.REFER_SPECIALIST,
+                benefit=BenefitEstimate(
+                    phq9_change_vs_continue=float(benefit.change[0, a]), low=float(benefit.lo[0, a]),
+                    high=float(benefit.hi[0, a]), level=benefit.level, horizon_weeks=benefit.horizon_weeks,
+                    method=f"{benefit.method} ({benefit.members} refits)"),
+                rationale=rationale))
+        blocked = [
+            BlockedAction(action=name, label=ACTION_LABELS[name],
+                          rules=[BlockingRule(name=r.name, description=r.description, critical=r.critical)
+                                 for r in rules])
+            for name, rules in blocking_rules(obs).items() if rules
+        ]
+        imputed = [ImputedFeature(feature=i.name, value=i.value, reason=i.reason) for i in patient.imputed]
+        return Recommendation(critical=critical, alerts=alerts, suggestions=suggestions, blocked=blocked,
+                              imputed=imputed, uncertainty=UNCERTAINTY, policy=self.info)
+
+    def observation(self, features: Mapping[str, Any]) -> NDArray[np.float64]:
+        """The observation row the policy sees for ``features`` (for the audit trail)."""
+        return build_observation(features, self.medians).obs
+
+
+def rank_actions(probs: NDArray[np.floating], scores: NDArray[np.floating], mask: NDArray[np.bool_]) -> list[int]:
+    """Allowed actions first, then by the policy's probability, then its score (highest first)."""
+    safe_scores = np.where(np.isfinite(scores), scores, -np.inf)
+    return sorted(range(len(probs)), key=lambda a: (not mask[a], -float(probs[a]), -float(safe_scores[a]), a))
+
+
+def evaluation_summary(evaluation: Mapping[str, Any]) -> list[str]:
+    """The bundle's evaluation in a few lines for a clinician (simulator truth, then off-policy)."""
+    lines: list[str] = []
+    truth = evaluation.get("simulator_ground_truth")
+    if isinstance(truth, dict) and isinstance(truth.get("policy"), dict):
+        r = truth["policy"].get("remission", {})
+        b = truth.get("behaviour", {}).get("remission", {})
+        if "value" in r:
+            line = (f"Simulated patients ({truth['policy'].get('patients', '?')}): remission "
+                    f"{100 * r['value']:.1f} % [{100 * r['low']:.1f}, {100 * r['high']:.1f}]")
+            if "value" in b:
+                line += f" vs {100 * b['value']:.1f} % under the logged care"
+            lines.append(line)
+    ope = evaluation.get("off_policy_validation")
+    if isinstance(ope, dict) and ope.get("policies"):
+        head = ope.get("headline_estimator", "wdr")
+        est = ope["policies"][0].get("estimates", {}).get(head)
+        if isinstance(est, dict) and est.get("value") is not None:
+            line = (f"Off-policy estimate from logged validation patients ({head.upper()}): value "
+                    f"{est['value']:.2f} [{est['low']:.2f}, {est['high']:.2f}]")
+            if est.get("warnings"):
+                line += f" (caution: {est['warnings'][0]})"
+            lines.append(line)
+    return lines or ["No evaluation is recorded in this policy bundle."]
+
