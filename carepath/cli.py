@@ -24,6 +24,16 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                  "compare policies off-policy on logged data: estimates, intervals, fairness, report"),
     "data": ("offline_data.cli", "configure_data", "run_data",
              "logged data: generate under a behaviour policy, import (validate, pseudonymise), describe"),
+    "prepare": ("serving.cli", "configure_prepare", "run_prepare",
+                "prepare a policy bundle for serving: SHAP background, benefit ensemble with intervals"),
+    "recommend": ("serving.cli", "configure_recommend", "run_recommend",
+                  "ranked next steps for one patient (JSON file) with benefit, uncertainty and SHAP rationale"),
+    "serve": ("serving.cli", "configure_serve", "run_serve",
+              "serve policies: REST API, HL7 CDS Hooks, clinician page, audit trail"),
+    "tokens": ("serving.admin_cli", "configure_tokens", "run_tokens",
+               "API bearer tokens: create (shown once), list, revoke"),
+    "audit": ("serving.admin_cli", "configure_audit", "run_audit",
+              "audit store: summary of recommendations and feedback, export clinician choices as logged data"),
 }
 
 DESCRIPTION = (

@@ -1,0 +1,200 @@
+"""The FastAPI app: REST API, HL7 CDS Hooks service, clinician page, audit trail.
+
+``create_app`` loads every policy bundle (hash-checked) and builds and warms
+its explainer before the app answers anything, so the first request is as fast
+as the rest. Every endpoint but ``/healthz``, CDS discovery and the page's
+static files needs a bearer token (``carepath tokens create``); every answered
+recommendation is committed to the audit store before the answer leaves.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+
+from carepath import __version__
+from envs.spec import ACTION_NAMES, FEATURE_NAMES
+from serving.audit import AuditStore, UnknownAuditId
+from serving.auth import TokenInfo, TokenStore, bearer_token
+from serving.db import DEFAULT_DB_URL, make_engine, pseudonym_key
+from serving.recommender import Recommender
+from serving.schemas import PolicySummary, RecommendationRequest, RecommendationResponse
+
+log = logging.getLogger("carepath.serve")
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+@dataclass
+class ServeSettings:
+    """What ``carepath serve`` is started with."""
+
+    policies: Sequence[str | Path]
+    db_url: str = DEFAULT_DB_URL
+    key_file: str | None = None
+    max_body_bytes: int = 64 * 1024
+    permutations: int = 2
+
+
+@dataclass
+class ServingState:
+    """Everything a request handler needs, built once at start-up."""
+
+    recommenders: dict[str, Recommender]
+    default_policy: str
+    tokens: TokenStore
+    audit: AuditStore
+    settings: ServeSettings
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def recommender(self, name: str | None) -> Recommender:
+        key = name or self.default_policy
+        if key not in self.recommenders:
+            raise HTTPException(404, detail=f"unknown policy {key!r}; served: {', '.join(self.recommenders)}")
+        return self.recommenders[key]
+
+
+def get_state(request: Request) -> ServingState:
+    state: ServingState = request.app.state.carepath
+    return state
+
+
+StateDep = Annotated[ServingState, Depends(get_state)]
+
+
+def require_scope(scope: str) -> Callable[[Request], TokenInfo]:
+    """A dependency: a valid bearer token (401 otherwise) that has ``scope`` (403 otherwise)."""
+
+    def check(request: Request) -> TokenInfo:
+        state = get_state(request)
+        token = bearer_token(request.headers.get("authorization"))
+        info = state.tokens.verify(token) if token else None
+        if info is None:
+            raise HTTPException(401, detail="a valid bearer token is required (carepath tokens create NAME)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if scope not in info.scopes:
+            raise HTTPException(403, detail=f"token {info.name!r} lacks the {scope!r} scope")
+        return info
+
+    return check
+
+
+class RecommendationQuery(RecommendationRequest):
+    policy: str | None = Field(None, max_length=200, description="policy name (default: the first served)")
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    audit_id: str = Field(min_length=1, max_length=64)
+    suggestion_id: str = Field(min_length=1, max_length=64)
+    action: Literal[ACTION_NAMES]  # type: ignore[valid-type]
+    outcome: Literal["accepted", "overridden"]
+    override_reason: str | None = Field(None, max_length=500)
+    chosen_action: Literal[ACTION_NAMES] | None = Field(  # type: ignore[valid-type]
+        None, description="what was done instead of an overridden suggestion (exported as logged data)")
+
+
+class FeedbackResponse(BaseModel):
+    recorded: bool
+    feedback_id: int
+
+
+def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] | None = None) -> FastAPI:
+    """Build the app; loads and warms every policy unless ``recommenders`` are given."""
+    if not settings.policies and not recommenders:
+        raise ValueError("serve needs at least one policy bundle (--policy PATH)")
+    if recommenders is None:
+        recommenders = {}
+        for path in settings.policies:
+            rec = Recommender(path, permutations=settings.permutations)
+            if rec.policy.name in recommenders:
+                raise ValueError(f"two policies are named {rec.policy.name!r}; serve each name once")
+            recommenders[rec.policy.name] = rec
+    engine = make_engine(settings.db_url)
+    state = ServingState(recommenders=recommenders, default_policy=next(iter(recommenders)),
+                         tokens=TokenStore(engine),
+                         audit=AuditStore(engine, pseudonym_key(settings.db_url, settings.key_file)),
+                         settings=settings)
+
+    app = FastAPI(title="carepath", version=__version__, docs_url=None, redoc_url=None,
+                  description="Decision support for the next step of depression care: ranked next steps with "
+                              "expected benefit, uncertainty and a SHAP rationale. It never acts on a patient.")
+    app.state.carepath = state
+    app.middleware("http")(_body_limit(settings.max_body_bytes))
+    app.exception_handler(ValueError)(_value_error)
+
+    @app.get("/healthz", tags=["meta"])
+    def healthz(state: StateDep) -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "policies": list(state.recommenders)}
+
+    @app.get("/v1/policies", response_model=list[PolicySummary], tags=["recommendations"])
+    def policies(state: StateDep, _: Annotated[TokenInfo, Depends(require_scope("recommend"))]) -> Any:
+        return [PolicySummary(name=name, algorithm=r.policy.algorithm, version=r.info.version, created=r.info.created,
+                              features=list(FEATURE_NAMES), actions=list(ACTION_NAMES),
+                              evaluation_summary=r.info.evaluation_summary,
+                              evaluation=r.policy.manifest.evaluation) for name, r in state.recommenders.items()]
+
+    @app.post("/v1/recommendations", response_model=RecommendationResponse, tags=["recommendations"])
+    def recommend(body: RecommendationQuery, state: StateDep,
+                  token: Annotated[TokenInfo, Depends(require_scope("recommend"))]) -> Any:
+        recommender = state.recommender(body.policy)
+        features = body.features.model_dump(exclude_none=True)  # type: ignore[attr-defined]
+        answer = recommender.recommend(features, top_k=body.top_k, explain=body.explain)
+        audit_id = uuid.uuid4().hex
+        response = RecommendationResponse(**answer.model_dump(), audit_id=audit_id)
+        state.audit.record_recommendation(
+            audit_id=audit_id, token_name=token.name, channel="rest", patient_id=body.patient_id,
+            policy_name=recommender.policy.name, policy_version=recommender.info.version,
+            features=dict(zip(FEATURE_NAMES, map(float, recommender.observation(features)), strict=True)),
+            request=body.model_dump(exclude={"patient_id"}), response=response.model_dump())
+        return response
+
+    @app.post("/v1/feedback", response_model=FeedbackResponse, tags=["recommendations"])
+    def feedback(body: FeedbackRequest, state: StateDep,
+                 token: Annotated[TokenInfo, Depends(require_scope("feedback"))]) -> Any:
+        try:
+            feedback_id = state.audit.record_feedback(
+                audit_id=body.audit_id, token_name=token.name, suggestion_id=body.suggestion_id,
+                action=body.action, outcome=body.outcome, override_reason=body.override_reason,
+                chosen_action=body.chosen_action)
+        except UnknownAuditId as err:
+            raise HTTPException(404, detail=str(err)) from None
+        return FeedbackResponse(recorded=True, feedback_id=feedback_id)
+
+    if (STATIC_DIR / "index.html").is_file():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+        @app.get("/", include_in_schema=False)
+        def page() -> FileResponse:
+            return FileResponse(STATIC_DIR / "index.html")
+
+    from serving.cds_hooks import build_router  # here: it imports this module's dependencies
+
+    app.include_router(build_router())
+    return app
+
+
+def _body_limit(limit: int) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
+    """Refuse bodies over ``limit`` bytes with 413, before they are read into memory."""
+
+    async def middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+        return await call_next(request)
+
+    return middleware
+
+
+async def _value_error(request: Request, err: Exception) -> JSONResponse:
+    # a ValueError from the recommender is bad input the schema could not catch
+    return JSONResponse({"detail": str(err)}, status_code=422)
