@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo test lint typecheck pytest calibration benchmarks tensorboard lock clean
+.PHONY: help venv demo test lint typecheck pytest calibration benchmarks tensorboard lock clean browser
 
 help:
 	@echo "make demo        set up .venv and run the main job end to end on the default configuration"
@@ -14,6 +14,7 @@ help:
 	@echo "make benchmarks  performance benchmarks (benchmarks/results/*.json)"
 	@echo "make tensorboard TensorBoard over runs/ (training runs of train.py)"
 	@echo "make lock        refresh constraints.txt from the current .venv"
+	@echo "make browser     install Debian's chromium for the clinician page tests (apt-get)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "carepath needs Python 3.11")'
@@ -62,3 +63,11 @@ lock: venv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# The clinician page tests drive the system chromium (never a browser download).
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+	  $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
+	fi
+	@/usr/bin/chromium --version 2>/dev/null
