@@ -30,6 +30,13 @@ demo: venv
 	$(BIN)/carepath calibrate --scale 0.5 --plot reports/demo/trajectories.png --json reports/demo/calibration.json
 	$(BIN)/python train.py overwrite=true
 	@echo
+	@echo "A sample recommendation for a synthetic patient (examples/patient.json):"
+	$(BIN)/carepath recommend --policy runs/cql/seed0/policy --patient examples/patient.json
+	@echo
+	@echo "Serve it to clinicians (REST API, CDS Hooks, the page at http://127.0.0.1:8000/):"
+	@echo "  $(BIN)/carepath tokens create clinic      # prints a bearer token once: paste it into the page"
+	@echo "  $(BIN)/carepath serve --policy runs/cql/seed0/policy"
+	@echo
 	@echo "Decision support only: every figure above comes from simulated patients."
 
 lint: venv
@@ -52,6 +59,7 @@ benchmarks: venv
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/ope_speed.py
 	$(BIN)/python benchmarks/ope_accuracy.py --model-repeats 2 --fqe-updates 100
+	$(BIN)/python benchmarks/serve_latency.py
 	$(BIN)/python benchmarks/calibration.py
 
 tensorboard: venv

@@ -219,27 +219,29 @@ class BundlePolicy:
         return self.manifest.network.output in ("q_values", "q_ensemble", "q_bcq")
 
     @torch.no_grad()
+    def _forward(self, obs: NDArray[np.floating]) -> NDArray[np.float64]:
+        """The network's raw output: (n, n_out), or (ensemble, n, n_actions) for ``q_ensemble``."""
+        return self.network(torch.as_tensor(np.asarray(obs, dtype=np.float32))).double().numpy()
+
+    def _outputs(self, raw: NDArray[np.float64]) -> NDArray[np.float64]:
+        output = self.manifest.network.output
+        if output == "q_ensemble":
+            return raw.mean(axis=0)
+        if output == "q_bcq":
+            return raw[:, : len(ACTION_NAMES)]
+        return raw
+
     def outputs(self, obs: NDArray[np.floating]) -> NDArray[np.float64]:
         """Q-values or logits, (n, n_actions): the ensemble mean for ``q_ensemble``,
         the Q half for ``q_bcq``."""
-        x = torch.as_tensor(np.asarray(obs, dtype=np.float32))
-        y = self.network(x)
-        output = self.manifest.network.output
-        if output == "q_ensemble":
-            y = y.mean(dim=0)
-        elif output == "q_bcq":
-            y = y[:, : len(ACTION_NAMES)]
-        return y.double().numpy()
+        return self._outputs(self._forward(obs))
 
-    @torch.no_grad()
-    def _scores(self, obs: NDArray[np.floating], mask: BoolArray) -> NDArray[np.float64]:
+    def _scores(self, raw: NDArray[np.float64], mask: BoolArray) -> NDArray[np.float64]:
         """Outputs with every action the policy may not choose set to -inf."""
-        scores = np.where(mask, self.outputs(obs), -np.inf)
+        scores = np.where(mask, self._outputs(raw), -np.inf)
         if self.manifest.network.output == "q_bcq":
             # discrete BCQ: only actions the imitation model finds plausible enough
-            y = self.network(torch.as_tensor(np.asarray(obs, dtype=np.float32)))
-            logits = y[:, len(ACTION_NAMES):].double().numpy()
-            logits = np.where(mask, logits, -np.inf)
+            logits = np.where(mask, raw[:, len(ACTION_NAMES):], -np.inf)
             rel = np.exp(logits - logits.max(axis=1, keepdims=True))
             plausible = rel >= float(self.manifest.network.extra["threshold"])
             scores = np.where(plausible, scores, -np.inf)
@@ -264,8 +266,13 @@ class BundlePolicy:
         return self.outputs(np.atleast_2d(obs))
 
     def action_probs(self, obs: NDArray[np.floating], mask: BoolArray) -> FloatArray:
+        return self.outputs_and_probs(obs, mask)[1]
+
+    def outputs_and_probs(self, obs: NDArray[np.floating], mask: BoolArray) -> tuple[NDArray[np.float64], FloatArray]:
+        """``outputs`` and ``action_probs`` from one pass of the network (serving needs both)."""
         obs, mask = check_inputs(obs, mask)
-        scores = self._scores(obs, mask)
+        raw = self._forward(obs)
+        scores = self._scores(raw, mask)
         sel = self.manifest.selection
         if sel.kind == "greedy":
             probs = np.zeros_like(scores)
@@ -274,7 +281,7 @@ class BundlePolicy:
             z = scores / sel.temperature
             z = np.exp(z - z.max(axis=1, keepdims=True))
             probs = z / z.sum(axis=1, keepdims=True)
-        return mix_epsilon(probs, mask, sel.epsilon)
+        return self._outputs(raw), mix_epsilon(probs, mask, sel.epsilon)
 
 
 def load(path: str | Path) -> BundlePolicy:

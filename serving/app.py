@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from carepath import __version__
 from envs.spec import ACTION_NAMES, FEATURE_NAMES
@@ -41,7 +42,8 @@ class ServeSettings:
     db_url: str = DEFAULT_DB_URL
     key_file: str | None = None
     max_body_bytes: int = 64 * 1024
-    permutations: int = 2
+    permutations: int = 1  # SHAP: one antithetic permutation pair (exact additivity; see serving.explain)
+    token_cache_seconds: float = 5.0  # a revoked token stops working within this time
 
 
 @dataclass
@@ -62,7 +64,13 @@ class ServingState:
         return self.recommenders[key]
 
 
-def get_state(request: Request) -> ServingState:
+async def get_state(request: Request) -> ServingState:
+    # async, as every handler here: the work is short and CPU-bound, and with one worker a
+    # thread-pool hop per dependency costs more than it saves
+    return _state(request)
+
+
+def _state(request: Request) -> ServingState:
     state: ServingState = request.app.state.carepath
     return state
 
@@ -70,11 +78,11 @@ def get_state(request: Request) -> ServingState:
 StateDep = Annotated[ServingState, Depends(get_state)]
 
 
-def require_scope(scope: str) -> Callable[[Request], TokenInfo]:
+def require_scope(scope: str) -> Callable[[Request], Awaitable[TokenInfo]]:
     """A dependency: a valid bearer token (401 otherwise) that has ``scope`` (403 otherwise)."""
 
-    def check(request: Request) -> TokenInfo:
-        state = get_state(request)
+    async def check(request: Request) -> TokenInfo:
+        state = _state(request)
         token = bearer_token(request.headers.get("authorization"))
         info = state.tokens.verify(token) if token else None
         if info is None:
@@ -121,7 +129,7 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
             recommenders[rec.policy.name] = rec
     engine = make_engine(settings.db_url)
     state = ServingState(recommenders=recommenders, default_policy=next(iter(recommenders)),
-                         tokens=TokenStore(engine),
+                         tokens=TokenStore(engine, cache_seconds=settings.token_cache_seconds),
                          audit=AuditStore(engine, pseudonym_key(settings.db_url, settings.key_file)),
                          settings=settings)
 
@@ -129,22 +137,22 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
                   description="Decision support for the next step of depression care: ranked next steps with "
                               "expected benefit, uncertainty and a SHAP rationale. It never acts on a patient.")
     app.state.carepath = state
-    app.middleware("http")(_body_limit(settings.max_body_bytes))
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.exception_handler(ValueError)(_value_error)
 
     @app.get("/healthz", tags=["meta"])
-    def healthz(state: StateDep) -> dict[str, Any]:
+    async def healthz(state: StateDep) -> dict[str, Any]:
         return {"status": "ok", "version": __version__, "policies": list(state.recommenders)}
 
     @app.get("/v1/policies", response_model=list[PolicySummary], tags=["recommendations"])
-    def policies(state: StateDep, _: Annotated[TokenInfo, Depends(require_scope("recommend"))]) -> Any:
+    async def policies(state: StateDep, _: Annotated[TokenInfo, Depends(require_scope("recommend"))]) -> Any:
         return [PolicySummary(name=name, algorithm=r.policy.algorithm, version=r.info.version, created=r.info.created,
                               features=list(FEATURE_NAMES), actions=list(ACTION_NAMES),
                               evaluation_summary=r.info.evaluation_summary,
                               evaluation=r.policy.manifest.evaluation) for name, r in state.recommenders.items()]
 
     @app.post("/v1/recommendations", response_model=RecommendationResponse, tags=["recommendations"])
-    def recommend(body: RecommendationQuery, state: StateDep,
+    async def recommend(body: RecommendationQuery, state: StateDep,
                   token: Annotated[TokenInfo, Depends(require_scope("recommend"))]) -> Any:
         recommender = state.recommender(body.policy)
         features = body.features.model_dump(exclude_none=True)  # type: ignore[attr-defined]
@@ -159,7 +167,7 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
         return response
 
     @app.post("/v1/feedback", response_model=FeedbackResponse, tags=["recommendations"])
-    def feedback(body: FeedbackRequest, state: StateDep,
+    async def feedback(body: FeedbackRequest, state: StateDep,
                  token: Annotated[TokenInfo, Depends(require_scope("feedback"))]) -> Any:
         try:
             feedback_id = state.audit.record_feedback(
@@ -174,7 +182,7 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
         @app.get("/", include_in_schema=False)
-        def page() -> FileResponse:
+        async def page() -> FileResponse:
             return FileResponse(STATIC_DIR / "index.html")
 
     from serving.cds_hooks import build_router  # here: it imports this module's dependencies
@@ -183,16 +191,43 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
     return app
 
 
-def _body_limit(limit: int) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
-    """Refuse bodies over ``limit`` bytes with 413, before they are read into memory."""
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413 before they are read into memory: by the
+    declared Content-Length, and by counting a streamed body. Plain ASGI (Starlette's
+    ``BaseHTTPMiddleware`` costs about a millisecond a request)."""
 
-    async def middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
-        return await call_next(request)
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
 
-    return middleware
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await self._refuse(send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, detail=f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = JSONResponse({"detail": f"request body over {self.limit} bytes"}, status_code=413)
+        await response({"type": "http"}, _no_receive, send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
 
 
 async def _value_error(request: Request, err: Exception) -> JSONResponse:

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -95,8 +96,13 @@ def bearer_token(authorization_header: str | None) -> str | None:
 class TokenStore:
     """Tokens in the audit database (see the module doc)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, cache_seconds: float = 0.0) -> None:
+        """``cache_seconds``: remember a successful verification that long (the server uses a few
+        seconds, saving a database round trip per request; a revocation then takes effect within
+        that time). Failures are never cached, so unknown tokens cannot fill the cache."""
         self.engine = engine
+        self.cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[TokenInfo, float]] = {}
 
     def create(self, name: str, scopes: Iterable[str] = DEFAULT_SCOPES) -> str:
         """A new token for ``name``; the plaintext is returned here and never again."""
@@ -121,11 +127,19 @@ class TokenStore:
         if not token or len(token) > MAX_TOKEN_LENGTH:
             return None
         digest = token_sha256(token)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > now:
+            return cached[0]
         with Session(self.engine) as session:
             row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == digest))
             if row is None or not hmac.compare_digest(row.token_sha256, digest) or row.revoked_at is not None:
+                self._cache.pop(digest, None)
                 return None
-            return TokenInfo(row.name, tuple(row.scopes.split()))
+            info = TokenInfo(row.name, tuple(row.scopes.split()))
+        if self.cache_seconds > 0:
+            self._cache[digest] = (info, now + self.cache_seconds)
+        return info
 
     def revoke(self, name: str) -> TokenDetails:
         """Revoke the token named ``name`` (again: no change, the first time is kept)."""

@@ -144,11 +144,11 @@ def build_router() -> APIRouter:
     router = APIRouter(tags=["cds-hooks"])
 
     @router.get("/cds-services")
-    def discovery() -> dict[str, Any]:
+    async def discovery() -> dict[str, Any]:
         return DISCOVERY
 
     @router.post(f"/cds-services/{SERVICE_ID}")
-    def patient_view(body: HookRequest, state: StateDep,
+    async def patient_view(body: HookRequest, state: StateDep,
                      token: Annotated[TokenInfo, Depends(require_scope("recommend"))]) -> Any:
         if body.hook != HOOK:
             raise HTTPException(400, detail=f"service {SERVICE_ID!r} answers the {HOOK!r} hook, not {body.hook!r}")
@@ -172,7 +172,7 @@ def build_router() -> APIRouter:
         return answer
 
     @router.post(f"/cds-services/{SERVICE_ID}/feedback")
-    def feedback(body: FeedbackBody, state: StateDep,
+    async def feedback(body: FeedbackBody, state: StateDep,
                  token: Annotated[TokenInfo, Depends(require_scope("feedback"))]) -> dict[str, Any]:
         # every item is checked before any is written: a 4xx leaves nothing half-recorded
         rows = [_feedback_rows(state, item) for item in body.feedback]
@@ -186,7 +186,7 @@ def build_router() -> APIRouter:
 
     @router.post("/cds-services/{service_id}")
     @router.post("/cds-services/{service_id}/feedback")
-    def unknown_service(service_id: str) -> None:
+    async def unknown_service(service_id: str) -> None:
         raise HTTPException(404, detail=f"unknown CDS service {service_id[:100]!r}; this server offers "
                                         f"{SERVICE_ID!r} (GET /cds-services)")
 

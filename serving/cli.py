@@ -126,9 +126,13 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
     from serving.app import ServeSettings, create_app
+
+    # small MLPs on one row gain nothing from intra-op threads, and they fight the server's own threads
+    torch.set_num_threads(1)
 
     started = time.perf_counter()
     app = create_app(ServeSettings(policies=args.policy, db_url=args.db, key_file=args.key_file,

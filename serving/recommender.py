@@ -53,7 +53,7 @@ class NotPrepared(ValueError):
 class Recommender:
     """Load a bundle once (checked), build and warm the explainer, then answer requests."""
 
-    def __init__(self, bundle: str | Path | BundlePolicy, *, warm: bool = True, permutations: int = 2) -> None:
+    def __init__(self, bundle: str | Path | BundlePolicy, *, warm: bool = True, permutations: int = 1) -> None:
         self.policy = bundle if isinstance(bundle, BundlePolicy) else load(bundle)
         explain = self.policy.manifest.explain
         missing = [key for key in ("background", "feature_medians", "benefit") if key not in explain]
@@ -81,8 +81,8 @@ class Recommender:
         patient = build_observation(features, self.medians)
         obs = patient.obs
         mask = action_mask(obs[None, :])[0]
-        scores = self.policy.outputs(obs[None, :])[0]
-        probs = self.policy.action_probs(obs[None, :], mask[None, :])[0]
+        outputs, probabilities = self.policy.outputs_and_probs(obs[None, :], mask[None, :])
+        scores, probs = outputs[0], probabilities[0]
         order = rank_actions(probs, scores, mask)
         shown = [a for a in order if mask[a]][:top_k]
         if any(not mask[a] for a in shown):  # unreachable by construction; refuse rather than suggest

@@ -1,0 +1,201 @@
+"""Serving latency, throughput, start-up time and memory against ``carepath serve`` on loopback.
+
+Starts ``carepath serve`` (one worker) in its own process over a prepared policy
+bundle and a fresh SQLite audit store, then, with ``--clients`` concurrent
+keep-alive clients (threads) and ``--requests`` requests per phase:
+
+- phase ``explain``: ``POST /v1/recommendations`` with the SHAP rationale (top 3
+  steps, top 5 contributions each): p50/p95/p99 latency (target p95 <= 50 ms);
+- phase ``plain``: the same without SHAP: requests per second (target >= 300);
+- phase ``explain_1_client``: one client, a quarter of the requests: the latency of a
+  request that does not queue behind seven others;
+
+plus the start-up time from process start to the first healthy answer, which
+includes loading and warming the explainer (target <= 15 s), the server's
+resident memory after the load (VmRSS, and its peak VmHWM; target <= 1 GiB),
+and whether the audit store holds exactly one row per answered request.
+
+Patients are drawn from a fixed generator over the API's ranges. Clients and
+server share the machine's cores, so the figures include the load generator's
+own cost. Prints a table and writes ``benchmarks/results/serve_latency.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+P95_TARGET_MS = 50.0
+THROUGHPUT_TARGET = 300.0
+STARTUP_TARGET_S = 15.0
+MEMORY_TARGET_MIB = 1024.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def random_patients(n: int, seed: int) -> list[dict[str, float]]:
+    """Plausible patients over the API's ranges, some features missing."""
+    rng = np.random.default_rng(seed)
+    patients = []
+    for _ in range(n):
+        p: dict[str, float] = {
+            "phq9": int(rng.integers(5, 28)), "phq9_item9": int(rng.choice(4, p=[0.7, 0.2, 0.07, 0.03])),
+            "gad7": int(rng.integers(0, 22)), "phq9_change_4w": int(rng.integers(-8, 9)),
+            "phq9_at_intake": int(rng.integers(10, 28)), "treatment_level": int(rng.integers(1, 5)),
+            "weeks_on_step": int(rng.integers(0, 13)), "dose_level": int(rng.integers(0, 4)),
+            "weeks_on_dose": int(rng.integers(0, 13)), "on_psychotherapy": int(rng.integers(0, 2)),
+            "on_digital": int(rng.integers(0, 3)), "on_augmentation": int(rng.integers(0, 2)),
+            "in_specialist_care": int(rng.integers(0, 2)), "digital_access": int(rng.integers(0, 2)),
+            "weeks_in_care": int(rng.integers(0, 27)), "age_band": int(rng.integers(0, 4)),
+            "sex": int(rng.integers(0, 2)), "adherence": round(float(rng.uniform(0.3, 1.0)), 2),
+        }
+        for name in rng.choice(list(p), size=int(rng.integers(0, 4)), replace=False):
+            del p[str(name)]
+        patients.append(p)
+    return patients
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of a process in MiB, from /proc."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def load_phase(url: str, token: str, patients: list[dict[str, float]], requests: int, clients: int,
+               explain: bool) -> dict[str, Any]:
+    """``requests`` POSTs split over ``clients`` threads; latencies of the answered ones."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+
+    def client() -> None:
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                body = {"patient_id": f"bench-{i % 500}", "features": patients[i % len(patients)], "top_k": 3,
+                        "explain": explain}
+                start = time.perf_counter()
+                r = http.post("/v1/recommendations", json=body)
+                elapsed = time.perf_counter() - start
+                with lock:
+                    if r.status_code == 200:
+                        latencies.append(elapsed)
+                    else:
+                        errors.append(f"{r.status_code}: {r.text[:200]}")
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ms = np.array(latencies) * 1000
+    return {"requests": requests, "answered": len(latencies), "errors": len(errors), "first_errors": errors[:3],
+            "wall_s": round(wall, 2), "requests_per_s": round(len(latencies) / wall, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2), "max_ms": round(float(ms.max()), 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policy", default="runs/cql/seed0/policy",
+                        help="prepared policy bundle (default: the one 'make demo' trains)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests per phase")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
+    parser.add_argument("--warmup", type=int, default=50, help="unmeasured requests before each phase")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "serve_latency.json")
+    args = parser.parse_args(argv)
+    if not (Path(args.policy) / "bundle.json").is_file():
+        raise SystemExit(f"{args.policy}: no policy bundle; run 'make demo' first or pass --policy PATH")
+
+    from serving.auth import TokenStore
+    from serving.db import make_engine
+
+    with tempfile.TemporaryDirectory(prefix="carepath-serve-bench-") as tmp:
+        db_url = f"sqlite:///{Path(tmp) / 'audit.sqlite'}"
+        token = TokenStore(make_engine(db_url)).create("bench")
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        carepath = Path(sys.executable).with_name("carepath")
+        started = time.perf_counter()
+        server = subprocess.Popen([str(carepath), "serve", "--policy", args.policy, "--port", str(port),
+                                   "--db", db_url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            while True:
+                if server.poll() is not None:
+                    raise SystemExit(f"carepath serve exited: {server.stderr.read().decode() if server.stderr else ''}")
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+            startup_s = time.perf_counter() - started
+            rss_start, _ = rss_mib(server.pid)
+            patients = random_patients(1000, args.seed)
+            phases = {}
+            for name, explain, clients in (("explain", True, args.clients), ("plain", False, args.clients),
+                                           ("explain_1_client", True, 1)):
+                load_phase(url, token, patients, args.warmup, clients, explain)
+                requests = args.requests if clients > 1 else max(1, args.requests // 4)
+                phases[name] = load_phase(url, token, patients, requests, clients, explain)
+            rss_end, rss_peak = rss_mib(server.pid)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        from serving.audit import audit_summary
+
+        audited = audit_summary(make_engine(db_url)).recommendations
+    answered = sum(p["answered"] for p in phases.values()) + len(phases) * args.warmup
+    figures = {
+        "benchmark": "serve_latency", "machine": platform.platform(), "cpus": os.cpu_count(),
+        "policy": args.policy, "clients": args.clients, "workers": 1,
+        "startup_s": round(startup_s, 2), "startup_target_s": STARTUP_TARGET_S,
+        "phases": phases, "p95_target_ms": P95_TARGET_MS, "throughput_target": THROUGHPUT_TARGET,
+        "rss_mib_after_start": round(rss_start, 1), "rss_mib_after_load": round(rss_end, 1),
+        "rss_mib_peak": round(rss_peak, 1), "memory_target_mib": MEMORY_TARGET_MIB,
+        "answered": answered, "audit_rows": audited, "audit_rows_match": answered == audited,
+    }
+    print(f"start-up incl. warm-up: {startup_s:.1f} s (target <= {STARTUP_TARGET_S:.0f} s)")
+    print(f"{'phase':<16} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6}")
+    for name, p in phases.items():
+        print(f"{name:<16} {p['requests_per_s']:>7.1f} {p['p50_ms']:>7.1f} {p['p95_ms']:>7.1f} {p['p99_ms']:>7.1f} "
+              f"{p['errors']:>6}")
+    print(f"targets: p95 with SHAP <= {P95_TARGET_MS:.0f} ms; without SHAP >= {THROUGHPUT_TARGET:.0f} req/s")
+    print(f"memory: {rss_end:.0f} MiB resident after load, peak {rss_peak:.0f} MiB (target <= 1024)")
+    print(f"audit rows {audited} for {answered} answered requests ({'match' if answered == audited else 'MISMATCH'})")
+    from evaluation.cli import write_json_atomic
+
+    write_json_atomic(args.out, figures)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
