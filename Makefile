@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv demo test lint typecheck pytest calibration benchmarks tensorboard lock clean browser
+.PHONY: help venv demo test lint typecheck pytest calibration benchmarks tensorboard lock clean browser audit
 
 help:
 	@echo "make demo        set up .venv and run the main job end to end on the default configuration"
@@ -14,6 +14,7 @@ help:
 	@echo "make benchmarks  performance benchmarks (benchmarks/results/*.json)"
 	@echo "make tensorboard TensorBoard over runs/ (training runs of train.py)"
 	@echo "make lock        refresh constraints.txt from the current .venv"
+	@echo "make audit       dependency audit of constraints.txt (pip-audit; needs the PyPI or OSV vulnerability service)"
 	@echo "make browser     install Debian's chromium for the clinician page tests (apt-get)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -71,6 +72,10 @@ lock: venv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+# Known vulnerabilities in the pinned dependencies (the static security lint is ruff's S rules, in make test).
+audit: venv
+	$(BIN)/pip-audit --requirement constraints.txt --no-deps --disable-pip --strict --progress-spinner off
 
 # The clinician page tests drive the system chromium (never a browser download).
 browser:

@@ -144,13 +144,16 @@ def main(argv: list[str] | None = None) -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         carepath = Path(sys.executable).with_name("carepath")
+        # a file, not a pipe: nobody reads the log while the load runs, and a full pipe would stall the server
+        server_log = (Path(tmp) / "server.log").open("wb")
         started = time.perf_counter()
         server = subprocess.Popen([str(carepath), "serve", "--policy", args.policy, "--port", str(port),
-                                   "--db", db_url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                   "--db", db_url, "--rate-limit", "0"],  # capacity, not the per-token limit
+                                  stdout=subprocess.DEVNULL, stderr=server_log)
         try:
             while True:
                 if server.poll() is not None:
-                    raise SystemExit(f"carepath serve exited: {server.stderr.read().decode() if server.stderr else ''}")
+                    raise SystemExit(f"carepath serve exited: {(Path(tmp) / 'server.log').read_text()[-2000:]}")
                 try:
                     if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
                         break
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             server.terminate()
             server.wait(timeout=30)
+            server_log.close()
         from serving.audit import audit_summary
 
         audited = audit_summary(make_engine(db_url)).recommendations

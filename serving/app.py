@@ -10,6 +10,7 @@ recommendation is committed to the audit store before the answer leaves.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +31,7 @@ from serving.auth import TokenInfo, TokenStore, bearer_token
 from serving.db import DEFAULT_DB_URL, make_engine, pseudonym_key
 from serving.recommender import Recommender
 from serving.schemas import PolicySummary, RecommendationRequest, RecommendationResponse
+from serving.security import RateLimiter, SecurityHeaders
 
 log = logging.getLogger("carepath.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -44,6 +47,9 @@ class ServeSettings:
     max_body_bytes: int = 64 * 1024
     permutations: int = 1  # SHAP: one antithetic permutation pair (exact additivity; see serving.explain)
     token_cache_seconds: float = 5.0  # a revoked token stops working within this time
+    rate_limit: float = 20.0  # requests a second per token on average (0: no limit)
+    rate_burst: int = 60
+    cors_origins: tuple[str, ...] = ()  # closed by default: no cross-origin page can read answers
 
 
 @dataclass
@@ -55,6 +61,7 @@ class ServingState:
     tokens: TokenStore
     audit: AuditStore
     settings: ServeSettings
+    limiter: RateLimiter = field(default_factory=RateLimiter)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def recommender(self, name: str | None) -> Recommender:
@@ -90,6 +97,11 @@ def require_scope(scope: str) -> Callable[[Request], Awaitable[TokenInfo]]:
                                 headers={"WWW-Authenticate": "Bearer"})
         if scope not in info.scopes:
             raise HTTPException(403, detail=f"token {info.name!r} lacks the {scope!r} scope")
+        wait = state.limiter.retry_after(info.name)
+        if wait > 0:
+            raise HTTPException(429, detail=f"token {info.name!r} is over its rate limit of "
+                                            f"{state.limiter.rate:g} requests a second; retry in {wait:.1f} s",
+                                headers={"Retry-After": str(math.ceil(wait))})
         return info
 
     return check
@@ -131,13 +143,17 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
     state = ServingState(recommenders=recommenders, default_policy=next(iter(recommenders)),
                          tokens=TokenStore(engine, cache_seconds=settings.token_cache_seconds),
                          audit=AuditStore(engine, pseudonym_key(settings.db_url, settings.key_file)),
-                         settings=settings)
+                         settings=settings, limiter=RateLimiter(settings.rate_limit, settings.rate_burst))
 
     app = FastAPI(title="carepath", version=__version__, docs_url=None, redoc_url=None,
                   description="Decision support for the next step of depression care: ranked next steps with "
                               "expected benefit, uncertainty and a SHAP rationale. It never acts on a patient.")
     app.state.carepath = state
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
+    app.add_middleware(SecurityHeaders)  # outermost: every answer gets the headers, 413s included
     app.exception_handler(ValueError)(_value_error)
 
     @app.get("/healthz", tags=["meta"])

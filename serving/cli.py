@@ -123,6 +123,11 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-file", help="pseudonymisation key file (default: CAREPATH_PSEUDONYM_KEY or a key "
                                            "kept beside a SQLite database)")
     parser.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="larger request bodies get 413")
+    parser.add_argument("--rate-limit", type=float, default=20.0,
+                        help="requests a second per token on average, beyond which 429 (default 20; 0: off)")
+    parser.add_argument("--rate-burst", type=int, default=60, help="requests a token may send at once (default 60)")
+    parser.add_argument("--cors-origin", action="append", default=[],
+                        help="an origin whose pages may call the API (repeat; default none: CORS closed)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -136,9 +141,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     app = create_app(ServeSettings(policies=args.policy, db_url=args.db, key_file=args.key_file,
-                                   max_body_bytes=args.max_body_bytes))
+                                   max_body_bytes=args.max_body_bytes, rate_limit=args.rate_limit,
+                                   rate_burst=args.rate_burst, cors_origins=tuple(args.cors_origin)))
     print(f"carepath: {len(args.policy)} policy(ies) loaded and explainers warmed in "
           f"{time.perf_counter() - started:.1f} s; serving http://{args.host}:{args.port}/ "
           f"(decision support only)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="info", access_log=True)
+    # no "server: uvicorn" header: it tells an attacker which parser to aim at
+    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="info", access_log=True,
+                server_header=False)
     return 0
