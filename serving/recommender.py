@@ -93,6 +93,9 @@ class Recommender:
         alerts = list(patient.alerts)
         if critical:
             alerts.insert(0, f"CRITICAL: {_CRITICAL_RULE.description}. Act today; do not wait for the next visit.")
+        disagreement = benefit_disagreement(benefit.lo[0], benefit.hi[0], benefit.change[0], mask, shown[0])
+        if disagreement is not None:
+            alerts.append(disagreement)
         suggestions = []
         for rank, a in enumerate(shown, start=1):
             rationale = None
@@ -131,6 +134,23 @@ def rank_actions(probs: NDArray[np.floating], scores: NDArray[np.floating], mask
     """Allowed actions first, then by the policy's probability, then its score (highest first)."""
     safe_scores = np.where(np.isfinite(scores), scores, -np.inf)
     return sorted(range(len(probs)), key=lambda a: (not mask[a], -float(probs[a]), -float(safe_scores[a]), a))
+
+
+def benefit_disagreement(lo: NDArray[np.float64], hi: NDArray[np.float64], change: NDArray[np.float64],
+                         mask: NDArray[np.bool_], first: int) -> str | None:
+    """A note when the benefit model clearly prefers another allowed step to the policy's first choice:
+    its whole interval lies below (better than) the first choice's. The two are different models
+    (the policy's value includes remission, side effects and dropout; the benefit is PHQ-9 alone),
+    and a clinician should see where they part."""
+    better = [a for a in range(len(change)) if mask[a] and a != first and hi[a] < lo[first]]
+    if not better:
+        return None
+    best = min(better, key=lambda a: change[a])
+    gap = change[first] - change[best]
+    return (f"The benefit model expects PHQ-9 about {gap:.1f} points lower with "
+            f"'{ACTION_LABELS[ACTION_NAMES[best]]}' than with the policy's first choice "
+            f"('{ACTION_LABELS[ACTION_NAMES[first]]}'): the policy also weighs remission, side effects and "
+            f"dropout; weigh both.")
 
 
 def evaluation_summary(evaluation: Mapping[str, Any]) -> list[str]:

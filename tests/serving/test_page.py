@@ -91,7 +91,9 @@ def live_server(prepared_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
 
     db_url = f"sqlite:///{tmp_path_factory.mktemp('page_audit') / 'audit.sqlite'}"
     token = TokenStore(make_engine(db_url)).create("page-test-clinic")
-    app = create_app(ServeSettings(policies=[prepared_bundle], db_url=db_url))
+    # CAREPATH_SCREENSHOT_POLICY: serve a real trained policy (for the picture in docs/)
+    policy = Path(os.environ.get("CAREPATH_SCREENSHOT_POLICY", str(prepared_bundle)))
+    app = create_app(ServeSettings(policies=[policy], db_url=db_url))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -206,3 +206,17 @@ def test_benefit_reward_is_the_observed_phq9_fall_and_resampling_keeps_episodes(
     starts = np.flatnonzero(np.r_[True, np.diff(sample.episode) != 0])
     assert np.all(np.diff(sample.episode) >= 0) and len(starts) == transitions.episode.max() + 1
     assert np.all(sample.done[np.r_[starts[1:] - 1, len(sample) - 1]])  # each episode still ends done
+
+
+def test_a_clear_disagreement_between_policy_and_benefit_model_is_shown() -> None:
+    from serving.recommender import benefit_disagreement
+
+    mask = np.ones(N_ACTIONS, dtype=bool)
+    change = np.zeros(N_ACTIONS)
+    lo, hi = change - 0.5, change + 0.5
+    assert benefit_disagreement(lo, hi, change, mask, first=0) is None  # overlapping intervals: no note
+    change[7], lo[7], hi[7] = -2.0, -2.6, -1.4
+    note = benefit_disagreement(lo, hi, change, mask, first=0)
+    assert note is not None and "2.0 points lower" in note and "unguided digital CBT" in note
+    mask[7] = False  # a blocked step is never held up as better
+    assert benefit_disagreement(lo, hi, change, mask, first=0) is None
