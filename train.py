@@ -16,8 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,140 @@ log = logging.getLogger("carepath.train")
 
 def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class ConfigError(ValueError):
+    """A composed config with a value of the wrong type or out of range; the message names the field."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_POSITIVE_INT = (lambda v: _is_int(v) and v > 0, "a positive integer")
+_NON_NEGATIVE_INT = (lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+_LEVEL = (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")
+
+#: field -> (check, what it must be); Hydra does not type these (no structured config), so a
+#: string where a number belongs would otherwise surface minutes into a run, or not at all.
+_CONFIG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": _NON_NEGATIVE_INT,
+    "train_fraction": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "checkpoint_every": _NON_NEGATIVE_INT,
+    "overwrite": _BOOL,
+    "progress": _BOOL,
+    "data.path": (lambda v: v is None or isinstance(v, str), "a file path or null"),
+    "data.cache_dir": (lambda v: isinstance(v, str) and v != "", "a folder path"),
+    "data.epsilon": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "data.patients": _POSITIVE_INT,
+    "data.seed": _NON_NEGATIVE_INT,
+    "data.split_seed": _NON_NEGATIVE_INT,
+    "data.split": (lambda v: isinstance(v, dict) and {"train", "validation"} <= set(v)
+                   and all(_is_number(x) and 0 <= x <= 1 for x in v.values())
+                   and abs(sum(v.values()) - 1) < 1e-9, "fractions in [0, 1] for train, validation (and test), "
+                                                        "summing to 1"),
+    "eval.patients": _POSITIVE_INT,
+    "eval.seed": _NON_NEGATIVE_INT,
+    "eval.ope.enabled": _BOOL,
+    "eval.ope.estimators": (lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v),
+                            "a list of estimator names"),
+    "eval.ope.level": _LEVEL,
+    "eval.ope.n_boot": _POSITIVE_INT,
+    "eval.ope.fairness": _BOOL,
+    "eval.ope.fqe_iterations": _POSITIVE_INT,
+    "eval.ope.fqe_updates": _POSITIVE_INT,
+    "explain.enabled": _BOOL,
+    "explain.background_size": _POSITIVE_INT,
+    "explain.members": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2 (an interval needs a spread)"),
+    "explain.horizon_weeks": _POSITIVE_INT,
+    "explain.updates_per_iteration": _POSITIVE_INT,
+    "explain.level": _LEVEL,
+}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value has the type of a config dataclass field (unknown hints pass)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return _is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is typing.Literal:
+        return value in args
+    if origin is tuple:
+        return isinstance(value, list | tuple) and all(_fits(v, args[0]) for v in value)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('an ').removeprefix('a ')}s"
+    return names.get(origin or hint, str(hint))
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse a composed config with a wrong type or an out-of-range value, naming the field,
+    before anything is written, generated or trained."""
+    from agents import entry, make_config
+    from envs.params import EnvSettings
+    from evaluation.compare import resolve_estimators
+    from policies import BASELINES
+
+    def value(key: str) -> Any:
+        missing = object()
+        found = OmegaConf.select(cfg, key, default=missing)
+        if found is missing:
+            raise ConfigError(f"{key}: missing from the config")
+        return OmegaConf.to_container(found, resolve=True) if OmegaConf.is_config(found) else found
+
+    for key, (ok, expected) in _CONFIG_RULES.items():
+        if not ok(value(key)):
+            raise ConfigError(f"{key} must be {expected}, got {value(key)!r}")
+    if value("data.policy") not in BASELINES:
+        raise ConfigError(f"data.policy must be one of {', '.join(sorted(BASELINES))}, got {value('data.policy')!r}")
+    try:
+        resolve_estimators(value("eval.ope.estimators"))
+    except ValueError as err:
+        raise ConfigError(f"eval.ope.estimators: {err}") from None
+    try:
+        agent = entry(str(value("agent.name")))
+    except ValueError as err:
+        raise ConfigError(f"agent.name: {err}") from None
+    params = value("agent.params")
+    if not isinstance(params, dict):
+        raise ConfigError(f"agent.params must be a mapping of options, got {params!r}")
+    hints = typing.get_type_hints(agent.config_cls)
+    for name, option in params.items():
+        if name in hints and not _fits(option, hints[name]):
+            raise ConfigError(f"agent.params.{name} must be {_describe(hints[name])}, got {option!r}")
+    try:
+        make_config(agent.name, {**params, "seed": value("seed")})
+    except ValueError as err:  # ranges, unknown options; the message names the option
+        raise ConfigError(f"agent.params: {err}") from None
+    kwargs = value("env.kwargs")
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"env.kwargs must be a mapping of simulator settings, got {kwargs!r}")
+    try:
+        EnvSettings(**{k: v for k, v in kwargs.items() if k not in ("params_path", "param_overrides")})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"env.kwargs: {err}") from None
 
 
 def env_settings(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
@@ -168,6 +306,10 @@ def main(cfg: DictConfig) -> float:
     from evaluation.cli import write_json_atomic
 
     started = time.perf_counter()
+    try:
+        check_config(cfg)
+    except ConfigError as err:  # before anything is written: one line, exit status 1
+        raise SystemExit(f"train.py: invalid config: {err}") from None
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if (run_dir / "metrics.json").exists():
         if not cfg.overwrite:

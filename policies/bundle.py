@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -38,6 +39,9 @@ MANIFEST = "bundle.json"
 WEIGHTS = "weights.safetensors"
 #: Names of further tensor files a bundle may carry (never the weights file's name).
 EXTRA_FILE = re.compile(r"(?!weights\.)[a-z][a-z0-9_]*\.safetensors")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+#: A manifest is a few kB (a prepared one with evaluation results well under 100 kB): more is refused unread.
+MAX_MANIFEST_BYTES = 8 << 20
 
 
 class BundleError(ValueError):
@@ -111,34 +115,101 @@ class BundleManifest:
     @classmethod
     def from_json(cls, d: Any, where: Path) -> BundleManifest:
         if not isinstance(d, dict):
-            raise BundleError(f"{where}: expected a JSON object")
+            raise BundleError(f"{where}: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"{where}: field 'format' must be {BUNDLE_FORMAT!r}, got {d.get('format')!r}")
-        if d.get("format_version") != BUNDLE_VERSION:
-            raise BundleError(f"{where}: unsupported format_version {d.get('format_version')!r} "
+            raise BundleError(f"{where}: field 'format' must be {BUNDLE_FORMAT!r}, got {_short(d.get('format'))}")
+        if not _is_int(d.get("format_version")) or d["format_version"] != BUNDLE_VERSION:
+            raise BundleError(f"{where}: unsupported format_version {_short(d.get('format_version'))} "
                               f"(this carepath reads {BUNDLE_VERSION})")
         for key, kind in (("algorithm", str), ("name", str), ("network", dict), ("feature_names", list),
                           ("action_names", list), ("weights_sha256", str)):
             if not isinstance(d.get(key), kind):
-                raise BundleError(f"{where}: field {key!r} must be a {kind.__name__}, got {d.get(key)!r}")
+                raise BundleError(f"{where}: field {key!r} must be a {kind.__name__}, got {_short(d.get(key))}")
+        for key, kind in (("selection", dict), ("config", dict), ("data", dict), ("evaluation", dict),
+                          ("explain", dict), ("files", dict), ("code_version", str), ("created", str)):
+            if key in d and not isinstance(d[key], kind):
+                raise BundleError(f"{where}: field {key!r} must be a {kind.__name__}, got {_short(d[key])}")
+        if "spec_version" in d and not _is_int(d["spec_version"]):
+            raise BundleError(f"{where}: field 'spec_version' must be an integer, got {_short(d['spec_version'])}")
+        if not SHA256_HEX.fullmatch(d["weights_sha256"]):
+            raise BundleError(f"{where}: field 'weights_sha256' must be a sha256 hex digest, "
+                              f"got {_short(d['weights_sha256'])}")
         files = d.get("files", {})
-        if not isinstance(files, dict) or not all(
-            isinstance(k, str) and EXTRA_FILE.fullmatch(k) and isinstance(v, str) for k, v in files.items()
-        ):
+        if not all(isinstance(k, str) and EXTRA_FILE.fullmatch(k) and isinstance(v, str) and SHA256_HEX.fullmatch(v)
+                   for k, v in files.items()):
             raise BundleError(f"{where}: field 'files' must map names like 'benefit.safetensors' to sha256 hex digests")
+        _check_network_fields(d["network"], where)
+        _check_selection_fields(d.get("selection", {}), where)
         try:
             network = NetworkSpec.from_dict(d["network"])
+        except (TypeError, ValueError) as err:
+            raise BundleError(f"{where}: field 'network': {_one_line(err)}") from None
+        try:
             selection = ActionSelection(**d.get("selection", {}))
         except (TypeError, ValueError) as err:
-            raise BundleError(f"{where}: {err}") from None
+            raise BundleError(f"{where}: field 'selection': {_one_line(err)}") from None
         return cls(
             algorithm=d["algorithm"], name=d["name"], network=network, selection=selection,
             feature_names=list(d["feature_names"]), action_names=list(d["action_names"]),
-            spec_version=int(d.get("spec_version", 0)), config=dict(d.get("config", {})),
+            spec_version=d.get("spec_version", 0), config=dict(d.get("config", {})),
             data=dict(d.get("data", {})), code_version=str(d.get("code_version", "")),
             evaluation=dict(d.get("evaluation", {})), explain=dict(d.get("explain", {})),
             created=str(d.get("created", "")), weights_sha256=d["weights_sha256"], files=dict(files),
         )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (not a bool, not NaN or infinite)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(err: BaseException) -> str:
+    """An error's message on one line (torch's load_state_dict errors span several)."""
+    return " ".join(str(err).split())
+
+
+def _check_network_fields(net: dict[str, Any], where: Path) -> None:
+    """Types of ``network``: JSON offers floats, bools and strings where sizes belong; refuse
+    them here rather than let them be coerced (16.7 -> 16) or fail later inside torch."""
+    for key in ("n_in", "n_out", "ensemble"):
+        if key in net and not _is_int(net[key]):
+            raise BundleError(f"{where}: field 'network.{key}' must be an integer, got {_short(net[key])}")
+    hidden = net.get("hidden", [])
+    if not isinstance(hidden, list) or not all(_is_int(h) for h in hidden):
+        raise BundleError(f"{where}: field 'network.hidden' must be a list of integers, got {_short(hidden)}")
+    for key in ("activation", "output"):
+        if key in net and not isinstance(net[key], str):
+            raise BundleError(f"{where}: field 'network.{key}' must be a string, got {_short(net[key])}")
+    extra = net.get("extra", {})
+    if not isinstance(extra, dict):
+        raise BundleError(f"{where}: field 'network.extra' must be an object, got {_short(extra)}")
+    unknown = sorted(set(extra) - {"clip_obs", "threshold"})
+    if unknown:
+        raise BundleError(f"{where}: field 'network.extra' has unknown key(s) {_short(unknown)}")
+    if "clip_obs" in extra and not (_is_number(extra["clip_obs"]) and extra["clip_obs"] > 0):
+        raise BundleError(f"{where}: field 'network.extra.clip_obs' must be a positive number, "
+                          f"got {_short(extra['clip_obs'])}")
+    if "threshold" in extra and not _is_number(extra["threshold"]):
+        raise BundleError(f"{where}: field 'network.extra.threshold' must be a number, "
+                          f"got {_short(extra['threshold'])}")
+
+
+def _check_selection_fields(selection: dict[str, Any], where: Path) -> None:
+    if "kind" in selection and not isinstance(selection["kind"], str):
+        raise BundleError(f"{where}: field 'selection.kind' must be a string, got {_short(selection['kind'])}")
+    for key in ("temperature", "epsilon"):
+        if key in selection and not _is_number(selection[key]):
+            raise BundleError(f"{where}: field 'selection.{key}' must be a finite number, "
+                              f"got {_short(selection[key])}")
 
 
 def sha256_file(path: Path) -> str:
@@ -257,7 +328,8 @@ class BundlePolicy:
     def extra_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """A further tensor file of the bundle (see ``save_bundle``), its hash checked again."""
         if self.path is None or name not in self.manifest.files:
-            raise BundleError(f"policy {self.name!r}: the bundle has no {name}")
+            where = self.path / MANIFEST if self.path is not None else f"policy {self.name!r}"
+            raise BundleError(f"{where}: the bundle has no {name!r} in field 'files'")
         return _read_checked(self.path / name, self.manifest.files[name])
 
     def q_values(self, obs: NDArray[np.floating]) -> NDArray[np.float64]:
@@ -292,12 +364,19 @@ def load(path: str | Path) -> BundlePolicy:
     if not path.is_dir():
         raise BundleError(f"{path}: not a policy bundle folder")
     for required in (manifest_path, weights_path):
-        if not required.is_file():
-            raise BundleError(f"{path}: missing {required.name}")
+        _check_regular_file(required)
     try:
-        raw = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{manifest_path}: not valid JSON ({err})") from None
+        with manifest_path.open("rb") as fh:
+            content = fh.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as err:
+        raise BundleError(f"{manifest_path}: cannot be read ({err.strerror})") from None
+    if len(content) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{manifest_path}: larger than {MAX_MANIFEST_BYTES >> 20} MiB; not a bundle manifest, "
+                          "refusing to read it")
+    try:
+        raw = json.loads(content.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise BundleError(f"{manifest_path}: not valid JSON ({_one_line(err)})") from None
     manifest = BundleManifest.from_json(raw, manifest_path)
     if manifest.feature_names != list(FEATURE_NAMES):
         raise BundleError(f"{manifest_path}: field 'feature_names' does not match this carepath's features "
@@ -313,26 +392,62 @@ def load(path: str | Path) -> BundlePolicy:
     tensors = _read_checked(weights_path, manifest.weights_sha256)
     for name, digest in manifest.files.items():
         _read_checked(path / name, digest)
+    check_tensors(tensors, manifest.network, weights_path)
     network = PolicyNetwork(manifest.network)
     try:
         network.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
-        raise BundleError(f"{weights_path}: weights do not fit the network in {MANIFEST}: {err}") from None
+        raise BundleError(f"{weights_path}: weights do not fit the network in {MANIFEST}: {_one_line(err)}") from None
     return BundlePolicy(manifest, network, path)
+
+
+def _check_regular_file(path: Path) -> None:
+    """A bundle's files are regular files inside its folder: not links (to elsewhere), not missing."""
+    if path.is_symlink():
+        raise BundleError(f"{path}: is a symbolic link; a bundle's files must be regular files in its folder")
+    if not path.is_file():
+        raise BundleError(f"{path.parent}: missing {path.name}")
+
+
+def check_tensors(tensors: Mapping[str, torch.Tensor], spec: NetworkSpec, weights_path: Path) -> None:
+    """Refuse tensors (of ``weights_path``) that do not fit a :class:`PolicyNetwork` of ``spec``:
+    names, shapes and dtypes exactly as the network has them, every value finite. Checked against
+    a shape-only copy of the network, so that sizes in a tampered manifest never allocate memory.
+    Also for networks kept in extra files (serving's benefit ensemble)."""
+    where = f"{weights_path}: weights do not fit the network in {MANIFEST}"
+    if spec.ensemble * (len(spec.hidden) + 1) > len(tensors):  # each layer of each head has its tensors
+        raise BundleError(f"{where}: {len(tensors)} tensors for {spec.ensemble} head(s) of "
+                          f"{len(spec.hidden) + 1} layers")
+    with torch.device("meta"):
+        expected = PolicyNetwork(spec).state_dict()
+    problems = [f"missing tensor {k!r}" for k in expected if k not in tensors]
+    problems += [f"unexpected tensor {k!r}" for k in tensors if k not in expected]
+    for key in expected.keys() & tensors.keys():
+        want, got = expected[key], tensors[key]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            problems.append(f"tensor {key!r} is {got.dtype} {tuple(got.shape)}, expected {want.dtype} "
+                            f"{tuple(want.shape)}")
+        elif not bool(torch.isfinite(got).all()):
+            problems.append(f"tensor {key!r} holds NaN or infinite values")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise BundleError(f"{where}: {'; '.join(sorted(problems)[:3])}{more}")
 
 
 def _read_checked(path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file whose sha256 must be ``expected_sha256``."""
-    if not path.is_file():
-        raise BundleError(f"{path.parent}: missing {path.name}")
-    actual = sha256_file(path)
+    _check_regular_file(path)
+    try:
+        actual = sha256_file(path)
+    except OSError as err:
+        raise BundleError(f"{path}: cannot be read ({err.strerror})") from None
     if actual != expected_sha256:
         raise BundleError(f"{path}: sha256 {actual} does not match the recorded "
                           f"{expected_sha256}: the file was changed or corrupted; refusing to load")
     try:
         return load_file(str(path))  # safetensors: plain tensors, no code is executed
-    except (SafetensorError, OSError, ValueError) as err:
-        raise BundleError(f"{path}: not a safetensors file ({err})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise BundleError(f"{path}: not a safetensors file ({_one_line(err)})") from None
 
 
 def update_bundle(

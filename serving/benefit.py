@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +35,7 @@ from envs.spec import FEATURE_INDEX, N_ACTIONS, N_FEATURES, Action
 from evaluation.ope.fqe import FQEConfig, fit_fqe
 from offline_data.dataset import Transitions
 from policies.base import Policy
-from policies.bundle import BundlePolicy
+from policies.bundle import MANIFEST, BundleError, BundlePolicy, check_tensors
 from policies.networks import NetworkSpec, PolicyNetwork
 
 BENEFIT_FILE = "benefit.safetensors"
@@ -149,15 +150,27 @@ class BenefitModel:
         entry = policy.manifest.explain.get("benefit")
         if not isinstance(entry, dict):
             raise ValueError(f"policy {policy.name!r} has no benefit model: run 'carepath prepare' on its bundle")
-        tensors = policy.extra_tensors(str(entry.get("file", BENEFIT_FILE)))
-        spec = NetworkSpec.from_dict(entry["network"])
+        name = str(entry.get("file", BENEFIT_FILE))
+        tensors = policy.extra_tensors(name)
+        where = policy.path / MANIFEST if policy.path is not None else policy.name
+        try:
+            spec = NetworkSpec.from_dict(entry["network"])
+        except (TypeError, ValueError, KeyError) as err:
+            raise BundleError(f"{where}: field 'explain.benefit.network': {err}") from None
         if spec.n_in != N_FEATURES or spec.n_out != N_ACTIONS:
-            raise ValueError(f"policy {policy.name!r}: benefit model sizes do not match the features and actions")
+            raise BundleError(f"{where}: field 'explain.benefit.network': sizes do not match the features and actions")
+        file_path = policy.path / name if policy.path is not None else Path(name)
+        members = int(entry["members"])
+        used = {key for key in tensors if any(key.startswith(f"member{k}.") for k in range(members))}
+        if used != set(tensors):
+            raise BundleError(f"{file_path}: tensors beyond the {members} members in bundle.json")
         networks = []
-        for k in range(int(entry["members"])):
+        for k in range(members):
             prefix = f"member{k}."
+            member = {key[len(prefix):]: v for key, v in tensors.items() if key.startswith(prefix)}
+            check_tensors(member, spec, file_path)
             network = PolicyNetwork(spec)
-            network.load_state_dict({key[len(prefix):]: v for key, v in tensors.items() if key.startswith(prefix)})
+            network.load_state_dict(member)
             networks.append(network)
         return cls(networks, entry)
 

@@ -11,6 +11,7 @@ time, after ranking, because it is the one promise serving must keep.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,8 +21,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from envs.rules import RULES, action_mask, blocking_rules
-from envs.spec import ACTION_CARE_CLASS, ACTION_LABELS, ACTION_NAMES, FEATURE_INDEX, Action
-from policies.bundle import BundlePolicy, load
+from envs.spec import (
+    ACTION_CARE_CLASS,
+    ACTION_LABELS,
+    ACTION_NAMES,
+    FEATURE_BOUNDS,
+    FEATURE_INDEX,
+    FEATURE_NAMES,
+    Action,
+)
+from policies.bundle import MANIFEST, BundleError, BundlePolicy, load
 from serving.benefit import BenefitModel
 from serving.explain import Explainer
 from serving.patient import build_observation
@@ -61,6 +70,7 @@ class Recommender:
             where = self.policy.path or self.policy.name
             raise NotPrepared(f"policy bundle {where} is not prepared for serving (no {', '.join(missing)}): "
                               f"run 'carepath prepare --policy {where} --data LOGGED.parquet'")
+        check_serving_section(explain, self.policy.path / MANIFEST if self.policy.path else self.policy.name)
         self.medians: dict[str, float] = {k: float(v) for k, v in explain["feature_medians"].items()}
         self.benefit = BenefitModel.from_bundle(self.policy)
         self.score_kind = "q_value" if self.policy.has_q_values else "logit"
@@ -128,6 +138,40 @@ class Recommender:
     def observation(self, features: Mapping[str, Any]) -> NDArray[np.float64]:
         """The observation row the policy sees for ``features`` (for the audit trail)."""
         return build_observation(features, self.medians).obs
+
+
+def _in_bounds(feature: str, value: Any) -> bool:
+    low, high = FEATURE_BOUNDS[feature]
+    return (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            and low <= value <= high)
+
+
+def check_serving_section(explain: Mapping[str, Any], where: Any) -> None:
+    """Refuse an ``explain`` section that ``carepath prepare`` cannot have written, naming the field."""
+    medians = explain["feature_medians"]
+    if not isinstance(medians, dict):
+        raise BundleError(f"{where}: field 'explain.feature_medians' must be an object")
+    for name, value in medians.items():
+        if name not in FEATURE_INDEX or not _in_bounds(name, value):
+            raise BundleError(f"{where}: field 'explain.feature_medians.{name}' must be a known feature with a "
+                              f"value in its bounds, got {repr(value)[:80]}")
+    background = explain["background"]
+    if not (isinstance(background, list) and background and all(
+            isinstance(row, list) and len(row) == len(FEATURE_NAMES)
+            and all(_in_bounds(f, v) for f, v in zip(FEATURE_NAMES, row, strict=True)) for row in background)):
+        raise BundleError(f"{where}: field 'explain.background' must be rows of {len(FEATURE_NAMES)} feature values "
+                          "within their bounds")
+    benefit = explain["benefit"]
+    if not isinstance(benefit, dict):
+        raise BundleError(f"{where}: field 'explain.benefit' must be an object")
+    checks = {"file": lambda v: isinstance(v, str), "network": lambda v: isinstance(v, dict),
+              "members": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2,
+              "level": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1,
+              "horizon_weeks": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1}
+    for key, ok in checks.items():
+        if key not in benefit or not ok(benefit[key]):
+            got = repr(benefit.get(key))[:80]
+            raise BundleError(f"{where}: field 'explain.benefit.{key}' is missing or invalid, got {got}")
 
 
 def rank_actions(probs: NDArray[np.floating], scores: NDArray[np.floating], mask: NDArray[np.bool_]) -> list[int]:
