@@ -9,17 +9,19 @@ recommendation is committed to the audit store before the answer leaves.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,7 +32,7 @@ from serving.audit import AuditStore, UnknownAuditId
 from serving.auth import TokenInfo, TokenStore, bearer_token
 from serving.db import DEFAULT_DB_URL, make_engine, pseudonym_key
 from serving.recommender import Recommender
-from serving.schemas import PolicySummary, RecommendationRequest, RecommendationResponse
+from serving.schemas import UNPROCESSABLE, PolicySummary, RecommendationRequest, RecommendationResponse
 from serving.security import RateLimiter, SecurityHeaders
 
 log = logging.getLogger("carepath.serve")
@@ -148,6 +150,7 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
     app = FastAPI(title="carepath", version=__version__, docs_url=None, redoc_url=None,
                   description="Decision support for the next step of depression care: ranked next steps with "
                               "expected benefit, uncertainty and a SHAP rationale. It never acts on a patient.")
+    app.router.route_class = StrictJSONRoute  # before any route: every JSON body is read by strict_json
     app.state.carepath = state
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.cors_origins:
@@ -167,7 +170,8 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
                               evaluation_summary=r.info.evaluation_summary,
                               evaluation=r.policy.manifest.evaluation) for name, r in state.recommenders.items()]
 
-    @app.post("/v1/recommendations", response_model=RecommendationResponse, tags=["recommendations"])
+    @app.post("/v1/recommendations", response_model=RecommendationResponse, tags=["recommendations"],
+              responses=UNPROCESSABLE)
     async def recommend(body: RecommendationQuery, state: StateDep,
                   token: Annotated[TokenInfo, Depends(require_scope("recommend"))]) -> Any:
         recommender = state.recommender(body.policy)
@@ -182,7 +186,7 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
             request=body.model_dump(exclude={"patient_id"}), response=response.model_dump())
         return response
 
-    @app.post("/v1/feedback", response_model=FeedbackResponse, tags=["recommendations"])
+    @app.post("/v1/feedback", response_model=FeedbackResponse, tags=["recommendations"], responses=UNPROCESSABLE)
     async def feedback(body: FeedbackRequest, state: StateDep,
                  token: Annotated[TokenInfo, Depends(require_scope("feedback"))]) -> Any:
         try:
@@ -244,6 +248,108 @@ class BodyLimit:
 
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
+
+
+#: The deepest nesting of arrays and objects a request body may have (a FHIR prefetch needs about 15).
+MAX_JSON_DEPTH: Final = 64
+
+
+class _Repeated(dict[str, Any]):
+    """A JSON object that repeated a key (``key``)."""
+
+    key: str = ""
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    repeated, seen = _Repeated(obj), set()
+    for key, _ in pairs:
+        if key in seen:
+            repeated.key = key
+            break
+        seen.add(key)
+    return repeated
+
+
+def _body_error(path: list[str | int], message: str) -> HTTPException:
+    """A 422 shaped like FastAPI's validation errors, ``loc`` naming the place in the body."""
+    loc = ["body", *(p if isinstance(p, int) else _shown(p) for p in path)]
+    return HTTPException(422, detail=[{"type": "json_invalid", "loc": loc, "msg": message}])
+
+
+def _shown(text: str, limit: int = 100) -> str:
+    """``text`` safe to put in an answer: lone surrogates and NUL escaped, cut at ``limit`` characters."""
+    return text[:limit].encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "holds a NUL character (U+0000)"
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "holds a lone surrogate (\\ud800-\\udfff escape): not Unicode text"
+    return None
+
+
+def strict_json(body: bytes) -> Any:
+    """Parse a request body as JSON, refusing what ``json.loads`` lets through but no client should send.
+
+    Refused with 422 (``loc`` naming the place): a key repeated in an object (parsers disagree on which
+    value counts: ``{"phq9_item9": 3, "phq9_item9": 0}``), ``NaN`` and infinities (not JSON; ``1e309``
+    overflows to one), strings holding NUL or lone surrogates (neither storable nor encodable), nesting
+    deeper than :data:`MAX_JSON_DEPTH`, bodies that are not UTF-8. Malformed JSON raises
+    ``json.JSONDecodeError``, which FastAPI answers with its own 422.
+    """
+    try:
+        data = json.loads(body, object_pairs_hook=_json_object)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise _body_error([], f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as err:  # not UTF-8; an integer of more than 4300 digits
+        raise _body_error([], f"not a JSON body: {_shown(str(err), 200)}") from None
+    stack: list[tuple[Any, list[str | int]]] = [(data, [])]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict | list) and len(path) >= MAX_JSON_DEPTH:
+            raise _body_error(path[:3], f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, _Repeated):
+            raise _body_error([*path, value.key], f"key {_shown(value.key)!r} appears more than once in one object")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if problem := _text_problem(key):
+                    raise _body_error([*path, key], f"the key {problem}")
+                stack.append((item, [*path, key]))
+        elif isinstance(value, list):
+            stack.extend((item, [*path, i]) for i, item in enumerate(value))
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise _body_error(path, "NaN and infinite numbers are not JSON (a number this large overflows)")
+        elif isinstance(value, str) and (problem := _text_problem(value)):
+            raise _body_error(path, f"the text {problem}")
+    return data
+
+
+class _StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_strict_json"):
+            self._strict_json = strict_json(await self.body())
+        return self._strict_json
+
+
+class StrictJSONRoute(APIRoute):
+    """A route whose JSON body is read with :func:`strict_json`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+
+        return strict
 
 
 async def _value_error(request: Request, err: Exception) -> JSONResponse:

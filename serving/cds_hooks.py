@@ -30,12 +30,12 @@ from fhir.resources.R4B.servicerequest import ServiceRequest
 from pydantic import BaseModel, ConfigDict, Field
 
 from envs.spec import FEATURE_NAMES
-from serving.app import ServingState, StateDep, require_scope
+from serving.app import ServingState, StateDep, StrictJSONRoute, require_scope
 from serving.audit import UnknownAuditId
 from serving.auth import TokenInfo
 from serving.fhir_input import REQUIRED_PREFETCH, PrefetchError, features_from_prefetch
 from serving.recommender import Recommender
-from serving.schemas import Recommendation, Suggestion
+from serving.schemas import UNPROCESSABLE, Recommendation, Suggestion
 
 log = logging.getLogger("carepath.cds_hooks")
 
@@ -92,7 +92,8 @@ class HookContext(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     userId: str = Field(min_length=1, max_length=256)
-    patientId: str = Field(min_length=1, max_length=128)
+    # a FHIR id (R4: [A-Za-z0-9\-.]{1,64}); it goes into the suggested ServiceRequest's subject reference
+    patientId: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9\-.]{1,64}$")
 
 
 class HookRequest(BaseModel):
@@ -141,13 +142,13 @@ class FeedbackBody(BaseModel):
 
 def build_router() -> APIRouter:
     """The CDS Hooks endpoints (included by :func:`serving.app.create_app`)."""
-    router = APIRouter(tags=["cds-hooks"])
+    router = APIRouter(tags=["cds-hooks"], route_class=StrictJSONRoute)
 
     @router.get("/cds-services")
     async def discovery() -> dict[str, Any]:
         return DISCOVERY
 
-    @router.post(f"/cds-services/{SERVICE_ID}")
+    @router.post(f"/cds-services/{SERVICE_ID}", responses=UNPROCESSABLE)
     async def patient_view(body: HookRequest, state: StateDep,
                      token: Annotated[TokenInfo, Depends(require_scope("recommend"))]) -> Any:
         if body.hook != HOOK:
@@ -171,7 +172,7 @@ def build_router() -> APIRouter:
         _record(state, recommender, token, body, features, answer, audit_uuid)
         return answer
 
-    @router.post(f"/cds-services/{SERVICE_ID}/feedback")
+    @router.post(f"/cds-services/{SERVICE_ID}/feedback", responses=UNPROCESSABLE)
     async def feedback(body: FeedbackBody, state: StateDep,
                  token: Annotated[TokenInfo, Depends(require_scope("feedback"))]) -> dict[str, Any]:
         # every item is checked before any is written: a 4xx leaves nothing half-recorded

@@ -35,6 +35,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Final, TypeVar
 
+from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.codeableconcept import CodeableConcept
 from fhir.resources.R4B.medication import Medication
@@ -178,6 +179,32 @@ def _parse(key: str, data: Any, model: type[R]) -> R:
         return model.model_validate(dict(data))
     except ValidationError as err:
         raise PrefetchError(key, f"invalid FHIR R4 {expected}: {_describe_errors(err)}") from None
+    except (TypeError, KeyError):  # fhir_core fails so on a nested resource whose resourceType is no FHIR type
+        field = _bad_resource_type(data) or "(resource)"
+        raise PrefetchError(key, f"invalid FHIR R4 {expected}: field {field}: not a FHIR resource type") from None
+
+
+def _bad_resource_type(data: Any) -> str | None:
+    """Where in ``data`` the first nested ``resourceType`` names no FHIR resource ("entry[0].resource")."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, Mapping):
+            kind = value.get("resourceType")
+            if path and "resourceType" in value and not (isinstance(kind, str) and _is_resource_type(kind)):
+                return f"{path}.resourceType"
+            stack.extend((item, f"{path}.{name}".lstrip(".")) for name, item in value.items())
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+    return None
+
+
+def _is_resource_type(name: str) -> bool:
+    try:
+        get_fhir_model_class(name)
+    except (ValueError, KeyError):
+        return False
+    return True
 
 
 def _describe_errors(err: ValidationError, limit: int = 3) -> str:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
+from pydantic_core import PydanticCustomError
 
 from envs.spec import BASE_FEATURES, FEATURE_BOUNDS
 
@@ -38,14 +39,28 @@ _FEATURE_HELP: Final[dict[str, str]] = {
 }
 
 
+def _json_number(value: Any) -> Any:
+    """Let only a JSON number (or null) through: ``true`` would otherwise count as 1 and ``"12"`` as 12."""
+    if value is None or (isinstance(value, int | float) and not isinstance(value, bool)):
+        return value
+    raise PydanticCustomError("number_type", "Input should be a number, not {kind}",
+                              {"kind": _JSON_KINDS.get(type(value), type(value).__name__)})
+
+
+_JSON_KINDS: Final[dict[type, str]] = {bool: "a boolean", str: "a string", list: "an array", dict: "an object"}
+
+
+Number = BeforeValidator(_json_number)
+
+
 def _feature_field(name: str) -> Any:
     low, high = FEATURE_BOUNDS[name]
     kind: Any = int if name in INTEGER_FEATURES else float
     bound_low: Any = int(low) if kind is int else low
     bound_high: Any = int(high) if kind is int else high
     description = _FEATURE_HELP.get(name, name.replace("_", " "))
-    return (Annotated[kind | None, Field(ge=bound_low, le=bound_high, description=description,
-                                         allow_inf_nan=False)], None)
+    bounded: Any = Annotated[kind, Field(ge=bound_low, le=bound_high, allow_inf_nan=False)]
+    return (Annotated[bounded | None, Number, Field(description=description)], None)
 
 
 PatientFeatures: type[BaseModel] = create_model(
@@ -62,8 +77,17 @@ class RecommendationRequest(BaseModel):
     patient_id: str | None = Field(None, min_length=1, max_length=128,
                                    description="the clinic's patient id; stored only as a keyed pseudonym")
     features: PatientFeatures  # type: ignore[valid-type]
-    top_k: int = Field(3, ge=1, le=10, description="how many ranked next steps to return")
-    explain: bool = Field(True, description="add the SHAP rationale of each suggestion")
+    top_k: Annotated[int, Number] = Field(3, ge=1, le=10, description="how many ranked next steps to return")
+    explain: bool = Field(True, strict=True, description="add the SHAP rationale of each suggestion")
+
+    @field_validator("patient_id")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        # control, bidi-override, zero-width and unassigned characters spoof how an id reads in a log or a list
+        if value is not None and not value.isprintable():
+            raise ValueError("a patient id must be printable: no control, formatting (bidi override, zero-width) "
+                             "or unassigned characters")
+        return value
 
 
 class ImputedFeature(BaseModel):
@@ -142,6 +166,28 @@ class Recommendation(BaseModel):
 
 class RecommendationResponse(Recommendation):
     audit_id: str
+
+
+class FieldError(BaseModel):
+    """One reason a request was refused: where in the request (``loc``, from ``body``, ``query`` or
+    ``path`` down to the field) and why."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ErrorAnswer(BaseModel):
+    """A refused request: the errors naming each field at fault, or a message saying what is wrong."""
+
+    detail: str | list[FieldError]
+
+
+#: The documented 422 of an operation with a body: validation errors naming the field (``loc``), or a
+#: message (a FHIR prefetch or feedback that is valid JSON but cannot be used, which it names).
+UNPROCESSABLE: Final[dict[int | str, dict[str, Any]]] = {
+    422: {"model": ErrorAnswer, "description": "Refused: the errors name each field at fault, or a message "
+                                                "says what is wrong"}}
 
 
 class PolicySummary(BaseModel):
