@@ -61,6 +61,9 @@ benchmarks: venv
 	$(BIN)/python benchmarks/ope_speed.py
 	$(BIN)/python benchmarks/ope_accuracy.py --model-repeats 2 --fqe-updates 100
 	$(BIN)/python benchmarks/serve_latency.py
+	$(BIN)/python benchmarks/serve_soak.py --seconds 300
+	$(BIN)/python benchmarks/serve_soak.py --seconds 0 --kill-after 20 --out benchmarks/results/serve_crash.json
+	$(BIN)/python benchmarks/api_fuzz.py --requests 20000
 	$(BIN)/python benchmarks/calibration.py
 
 tensorboard: venv

@@ -45,6 +45,8 @@ from typing import IO, Any
 import httpx
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script (python benchmarks/serve_soak.py): find the benchmarks package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.serve_latency import free_port, random_patients, rss_mib
 
 RESULTS = Path(__file__).resolve().parent / "results"
