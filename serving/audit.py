@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from uuid import uuid4
 
 import numpy as np
@@ -40,9 +40,11 @@ from sqlalchemy.orm import Session, selectinload
 
 from envs.rules import action_mask
 from envs.spec import ACTION_NAMES, FEATURE_BOUNDS, FEATURE_INDEX, FEATURE_NAMES, N_FEATURES
-from offline_data.importer import ImportResult, check_key_location, import_log
 from offline_data.pseudonymise import key_fingerprint, load_key
 from serving.db import FeedbackRecord, RecommendationRecord, Setting, pseudonymise, utc_now
+
+if TYPE_CHECKING:  # the importer (behaviour models, scipy) loads on export only: it is not on the serving path
+    from offline_data.importer import ImportResult
 
 CHANNELS: Final[tuple[str, ...]] = ("rest", "cds-hooks", "page")
 OUTCOMES: Final[tuple[str, ...]] = ("accepted", "overridden")
@@ -300,6 +302,8 @@ class AuditStore:
         when no row is left.
         """
         out = Path(out)
+        from offline_data.importer import check_key_location, import_log
+
         key = self._key if key_file is None else load_key(key_file)
         check_key_location(key_file, out)
         counts, decisions = self._decisions()

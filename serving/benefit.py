@@ -32,7 +32,6 @@ from scipy import stats
 from tqdm import tqdm
 
 from envs.spec import FEATURE_INDEX, N_ACTIONS, N_FEATURES, Action
-from evaluation.ope.fqe import FQEConfig, fit_fqe
 from offline_data.dataset import Transitions
 from policies.base import Policy
 from policies.bundle import MANIFEST, BundleError, BundlePolicy, check_tensors
@@ -95,6 +94,8 @@ def resample_episodes(transitions: Transitions, rng: np.random.Generator) -> Tra
 def fit_benefit(policy: Policy, transitions: Transitions, config: BenefitConfig, *,
                 progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Fit the ensemble; returns the tensors to store and the manifest entry describing them."""
+    from evaluation.ope.fqe import FQEConfig, fit_fqe  # fitting only: keeps it off the serving start-up path
+
     data = Transitions(**{**_fields(transitions), "reward": phq9_fall(transitions)})
     rng = np.random.default_rng(config.seed)
     tensors: dict[str, torch.Tensor] = {}
