@@ -23,16 +23,20 @@ own cost. Prints a table and writes ``benchmarks/results/serve_latency.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any
 
 import httpx
 import numpy as np
@@ -48,6 +52,99 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: The load is one token at the server's capacity, not a client the per-token limit is meant for.
+NO_RATE_LIMIT = ("--rate-limit", "0")
+
+
+class ServeProcess:
+    """``carepath serve`` in its own process group, restartable on the same store and port."""
+
+    def __init__(self, policy: str | Path, db_url: str, *, port: int | None = None, log: Path | None = None,
+                 extra_args: Sequence[str] = NO_RATE_LIMIT, log_stdout: bool = False) -> None:
+        """``log``: where its stderr goes (and its stdout, the access log, with ``log_stdout``)."""
+        self.policy = str(policy)
+        self.extra_args = list(extra_args)
+        self.db_url = db_url
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.log_stdout = log_stdout
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "the server is not started"
+        return self.proc.pid
+
+    def start(self, timeout: float = 180.0) -> float:
+        """Start it and wait until /healthz answers; returns the seconds that took."""
+        carepath = Path(sys.executable).with_name("carepath")
+        self._close_log()
+        self._log_file = self.log.open("ab") if self.log is not None else None
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [str(carepath), "serve", "--policy", self.policy, "--port", str(self.port), "--db", self.db_url,
+             *self.extra_args],
+            stdout=self._log_file if self.log_stdout and self._log_file else subprocess.DEVNULL,
+            stderr=self._log_file or subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"carepath serve exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"carepath serve did not answer /healthz within {timeout:.0f} s:\n"
+                                   f"{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return time.perf_counter() - started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (no shutdown, no flush: a crash) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self._close_log()
+
+    def stop(self) -> None:
+        """A clean shutdown (SIGTERM), SIGKILL if it takes over 30 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._close_log()
+
+    def log_tail(self, chars: int = 3000) -> str:
+        if self.log is None or not self.log.exists():
+            return "(no log kept)"
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def log_tracebacks(self) -> int:
+        """How many tracebacks the server logged (uvicorn logs an unhandled error with one)."""
+        if self.log is None or not self.log.exists():
+            return 0
+        return self.log.read_text(errors="replace").count("Traceback (most recent call last)")
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
 
 
 def random_patients(n: int, seed: int) -> list[dict[str, float]]:
@@ -141,26 +238,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="carepath-serve-bench-") as tmp:
         db_url = f"sqlite:///{Path(tmp) / 'audit.sqlite'}"
         token = TokenStore(make_engine(db_url)).create("bench")
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        carepath = Path(sys.executable).with_name("carepath")
-        # a file, not a pipe: nobody reads the log while the load runs, and a full pipe would stall the server
-        server_log = (Path(tmp) / "server.log").open("wb")
-        started = time.perf_counter()
-        server = subprocess.Popen([str(carepath), "serve", "--policy", args.policy, "--port", str(port),
-                                   "--db", db_url, "--rate-limit", "0"],  # capacity, not the per-token limit
-                                  stdout=subprocess.DEVNULL, stderr=server_log)
-        try:
-            while True:
-                if server.poll() is not None:
-                    raise SystemExit(f"carepath serve exited: {(Path(tmp) / 'server.log').read_text()[-2000:]}")
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-            startup_s = time.perf_counter() - started
+        # the log is a file, not a pipe: nobody reads it during the load, and a full pipe would stall the server
+        with ServeProcess(args.policy, db_url, log=Path(tmp) / "server.log") as server:
+            try:
+                startup_s = server.start()
+            except RuntimeError as err:
+                raise SystemExit(str(err)) from None
+            url = server.url
             rss_start, _ = rss_mib(server.pid)
             patients = random_patients(1000, args.seed)
             phases = {}
@@ -170,10 +254,6 @@ def main(argv: list[str] | None = None) -> None:
                 requests = args.requests if clients > 1 else max(1, args.requests // 4)
                 phases[name] = load_phase(url, token, patients, requests, clients, explain)
             rss_end, rss_peak = rss_mib(server.pid)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-            server_log.close()
         from serving.audit import audit_summary
 
         audited = audit_summary(make_engine(db_url)).recommendations

@@ -30,117 +30,25 @@ import contextlib
 import math
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import numpy as np
 
 if __package__ in (None, ""):  # run as a script (python benchmarks/serve_soak.py): find the benchmarks package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.serve_latency import free_port, random_patients, rss_mib
+from benchmarks.serve_latency import ServeProcess, random_patients, rss_mib
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROWTH_TARGET_PCT = 10.0
-#: The load is one token at the server's capacity, not a client the per-token limit is meant for.
-NO_RATE_LIMIT = ("--rate-limit", "0")
-
-
-# ----------------------------------------------------------------------------- the server process
-
-
-class ServeProcess:
-    """``carepath serve`` in its own process group, restartable on the same store and port."""
-
-    def __init__(self, policy: str | Path, db_url: str, *, port: int | None = None, log: Path | None = None,
-                 extra_args: Sequence[str] = NO_RATE_LIMIT) -> None:
-        self.policy = str(policy)
-        self.extra_args = list(extra_args)
-        self.db_url = db_url
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, "the server is not started"
-        return self.proc.pid
-
-    def start(self, timeout: float = 180.0) -> float:
-        """Start it and wait until /healthz answers; returns the seconds that took."""
-        carepath = Path(sys.executable).with_name("carepath")
-        self._close_log()
-        self._log_file = self.log.open("ab") if self.log is not None else None
-        started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [str(carepath), "serve", "--policy", self.policy, "--port", str(self.port), "--db", self.db_url,
-             *self.extra_args],
-            stdout=subprocess.DEVNULL, stderr=self._log_file or subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"carepath serve exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"carepath serve did not answer /healthz within {timeout:.0f} s:\n"
-                                   f"{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return time.perf_counter() - started
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (no shutdown, no flush: a crash) and reap it."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        self._close_log()
-
-    def stop(self) -> None:
-        """A clean shutdown (SIGTERM), SIGKILL if it takes over 30 s."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._close_log()
-
-    def log_tail(self, chars: int = 3000) -> str:
-        if self.log is None or not self.log.exists():
-            return "(no log kept)"
-        return self.log.read_text(errors="replace")[-chars:]
-
-    def log_tracebacks(self) -> int:
-        """How many tracebacks the server logged (uvicorn logs an unhandled error with one)."""
-        if self.log is None or not self.log.exists():
-            return 0
-        return self.log.read_text(errors="replace").count("Traceback (most recent call last)")
-
-    def _close_log(self) -> None:
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def __enter__(self) -> ServeProcess:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()
 
 
 # ----------------------------------------------------------------------------- the load

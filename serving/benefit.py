@@ -21,7 +21,7 @@ extrapolating alike, so the interval can be too narrow; the response says so.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,17 +78,8 @@ def resample_episodes(transitions: Transitions, rng: np.random.Generator) -> Tra
     chosen = rng.integers(0, len(starts), size=len(starts))
     rows = np.concatenate([np.arange(starts[e], starts[e] + lengths[e]) for e in chosen])
     new_episode = np.repeat(np.arange(len(chosen), dtype=np.int64), lengths[chosen])
-
-    def take(values: NDArray[Any]) -> NDArray[Any]:
-        return values[rows]
-
-    return Transitions(
-        obs=take(transitions.obs), action=take(transitions.action), reward=take(transitions.reward),
-        next_obs=take(transitions.next_obs), terminated=take(transitions.terminated),
-        truncated=take(transitions.truncated), done=take(transitions.done), mask=take(transitions.mask),
-        next_mask=take(transitions.next_mask), behavior_prob=take(transitions.behavior_prob),
-        episode=new_episode, t=take(transitions.t),
-    )
+    taken = {f.name: getattr(transitions, f.name)[rows] for f in fields(transitions) if f.name != "episode"}
+    return replace(transitions, **taken, episode=new_episode)
 
 
 def fit_benefit(policy: Policy, transitions: Transitions, config: BenefitConfig, *,
@@ -96,7 +87,7 @@ def fit_benefit(policy: Policy, transitions: Transitions, config: BenefitConfig,
     """Fit the ensemble; returns the tensors to store and the manifest entry describing them."""
     from evaluation.ope.fqe import FQEConfig, fit_fqe  # fitting only: keeps it off the serving start-up path
 
-    data = Transitions(**{**_fields(transitions), "reward": phq9_fall(transitions)})
+    data = replace(transitions, reward=phq9_fall(transitions))
     rng = np.random.default_rng(config.seed)
     tensors: dict[str, torch.Tensor] = {}
     spec: NetworkSpec | None = None
@@ -115,10 +106,6 @@ def fit_benefit(policy: Policy, transitions: Transitions, config: BenefitConfig,
     entry = {"file": BENEFIT_FILE, "method": METHOD, "network": spec.to_dict(), **asdict(config),
              "hidden": list(config.hidden), "transitions": len(transitions)}
     return tensors, entry
-
-
-def _fields(transitions: Transitions) -> dict[str, Any]:
-    return {name: getattr(transitions, name) for name in transitions.__dataclass_fields__}
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +13,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from benchmarks.serve_latency import ServeProcess
 from serving.app import ServeSettings, create_app
 from serving.auth import TokenStore
 from serving.db import make_engine
@@ -129,37 +125,14 @@ def test_app_logs_hold_no_patient_identifier_or_feature_value(served: Served,
 @pytest.fixture(scope="module")
 def server_process(prepared_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         tuple[str, str, Path]]:
-    """``carepath serve`` as a clinic runs it, its stdout and stderr captured to a file."""
+    """``carepath serve`` as a clinic runs it (default rate limit), stdout and stderr captured to a file."""
     tmp = tmp_path_factory.mktemp("served")
     db_url = f"sqlite:///{tmp / 'audit.sqlite'}"
     token = TokenStore(make_engine(db_url)).create("clinic")
-    port = free_port()
     log = tmp / "server.log"
-    carepath = Path(sys.executable).with_name("carepath")
-    with log.open("wb") as out:
-        proc = subprocess.Popen([str(carepath), "serve", "--policy", str(prepared_bundle), "--port", str(port),
-                                 "--db", db_url], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                assert proc.poll() is None, log.read_text()
-                try:
-                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.2)
-            yield url, token, log
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    with ServeProcess(prepared_bundle, db_url, log=log, extra_args=(), log_stdout=True) as server:
+        server.start(timeout=120)
+        yield server.url, token, log
 
 
 def test_server_logs_hold_no_patient_identifier_or_feature_value(server_process: tuple[str, str, Path]) -> None:
