@@ -150,6 +150,10 @@ def configure_evaluate(parser: argparse.ArgumentParser) -> None:
                         help="FQE iterations (default: FQEConfig's, at least the horizon)")
     parser.add_argument("--fqe-updates", type=positive_int, default=None,
                         help="FQE gradient updates per iteration (default: FQEConfig's)")
+    parser.add_argument("--fqe-refits", type=non_negative_int, default=0, metavar="N",
+                        help="FQE's interval from N refits on bootstrap resamples (N >= 2; N more fits per policy), "
+                             "which carries the Q-model's error (default 0: a bootstrap of its initial values, "
+                             "which ignores it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 
 
@@ -240,7 +244,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         try:
             result = compare_policies(dataset, policies, estimators=names, interval=args.interval, level=args.level,
                                       n_boot=args.n_boot, seed=args.seed, fqe_config=fqe_config,
-                                      truth_patients=args.truth_patients, progress=not args.quiet)
+                                      truth_patients=args.truth_patients, fqe_refits=args.fqe_refits,
+                                      progress=not args.quiet)
             out = write_report(result, args.out)
         except ValueError as err:
             raise _EvaluateError(str(err)) from None

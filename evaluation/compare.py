@@ -13,8 +13,12 @@ bootstrap resamples; every policy uses the same seed, so the resamples (and
 the simulator's random numbers, for ground truth) are common to all policies
 and differences between them are not resampling noise.
 
-FQE's own interval is the percentile bootstrap of its per-episode initial
-values: it ignores model error (see :func:`evaluation.fairness.fqe_estimate`).
+FQE's own interval is, by default, the percentile bootstrap of its
+per-episode initial values: it ignores model error (see
+:func:`evaluation.fairness.fqe_estimate`). ``fqe_refits=N`` refits FQE on N
+bootstrap resamples of episodes and takes the interval from their spread,
+which carries the Q-model's sampling and fitting error, at N more fits per
+policy.
 
 Cost: with FQE, about a minute per policy on a million transitions with the
 default :class:`~evaluation.ope.fqe.FQEConfig`; without (``estimators`` free of
@@ -58,6 +62,9 @@ COMPARE_INTERVALS: tuple[str, ...] = ("bootstrap", "bca", "t")
 #: The estimator that headlines plots and fairness gaps: the first of these that was computed.
 HEADLINE_ORDER: tuple[str, ...] = ("wdr", "dr", "wpdis", "wis", "fqe", "pdis", "is")
 
+FQE_REFIT_NOTE = ("FQE's interval is value +- t * sd of {n} FQE refits on bootstrap resamples of episodes: it carries "
+                  "the Q-model's sampling and fitting error, not a bias every refit shares (extrapolation to "
+                  "actions the log rarely took); DR and WDR use the full-data fit only as a control variate.")
 FQE_INTERVAL_NOTE = ("FQE's interval is a percentile bootstrap of its per-episode initial values: it treats the "
                      "fitted Q-function as exact and ignores model (regression and extrapolation) error, so it "
                      "is too narrow; DR and WDR use FQE only as a control variate.")
@@ -125,10 +132,17 @@ class Comparison:
     truth: dict[str, Any] | None = None  # patients, seed, settings used, notes
     notes: tuple[str, ...] = ()
     subgroup_columns: dict[str, list[str]] = field(default_factory=dict)
+    fqe_refits: int = 0
 
     @property
     def headline(self) -> str:
         return headline_estimator(self.estimators)
+
+    @property
+    def fqe_interval(self) -> str | None:
+        if "fqe" not in self.estimators:
+            return None
+        return "refit" if self.fqe_refits else "bootstrap"
 
     def policy(self, label: str) -> PolicyResult:
         for p in self.policies:
@@ -140,7 +154,7 @@ class Comparison:
         """Strict JSON: NaN and infinities become null."""
         payload = {"kind": "carepath-policy-comparison", "decision_support": True,
                    "estimators": list(self.estimators), "headline_estimator": self.headline,
-                   "interval": self.interval, "fqe_interval": "bootstrap" if "fqe" in self.estimators else None,
+                   "interval": self.interval, "fqe_interval": self.fqe_interval, "fqe_refits": self.fqe_refits,
                    "level": self.level, "n_boot": self.n_boot, "seed": self.seed, "data": self.data,
                    "truth": self.truth, "notes": list(self.notes), "subgroup_columns": self.subgroup_columns,
                    "policies": [p.to_json() for p in self.policies]}
@@ -261,6 +275,7 @@ def compare_policies(
     fairness: bool = True,
     min_group_episodes: int = MIN_GROUP_EPISODES,
     clip: float | None = None,
+    fqe_refits: int = 0,
     progress: bool = True,
 ) -> Comparison:
     """Estimate each policy's value on ``dataset`` with ``estimators`` (see the module docstring).
@@ -281,6 +296,8 @@ def compare_policies(
         fairness: per-subgroup values and demographic parity of recommendations.
         min_group_episodes: subgroups with fewer episodes are flagged and left out of gaps.
         clip: cap on cumulative importance weights (None: none).
+        fqe_refits: with ``fqe`` among the estimators, this many refits on bootstrap resamples give
+            FQE's interval (0: the bootstrap of its initial values, which ignores model error).
         progress: progress bars (FQE, simulator).
     """
     from offline_data.dataset import LoggedDataset
@@ -294,6 +311,8 @@ def compare_policies(
         raise ValueError(f"n_boot must be at least 2, got {n_boot}")
     if truth_patients < 0:
         raise ValueError(f"truth_patients must be 0 (no truth) or positive, got {truth_patients}")
+    if isinstance(fqe_refits, bool) or not isinstance(fqe_refits, int) or fqe_refits < 0 or fqe_refits == 1:
+        raise ValueError(f"fqe_refits must be 0 (no refits) or an integer of at least 2, got {fqe_refits!r}")
     labelled = _unique_labels(policies)
     episodes = dataset.episodes() if isinstance(dataset, LoggedDataset) else dataset
     if len(episodes) < 2:
@@ -311,7 +330,7 @@ def compare_policies(
 
     notes: list[str] = []
     if "fqe" in names:
-        notes.append(FQE_INTERVAL_NOTE)
+        notes.append(FQE_REFIT_NOTE.format(n=fqe_refits) if fqe_refits else FQE_INTERVAL_NOTE)
     if isinstance(dataset, LoggedDataset) and dataset.behavior_prob_estimated:
         notes.append("the behaviour probabilities were estimated (imported data): every importance-weighted "
                      "estimate inherits that model's error")
@@ -359,8 +378,15 @@ def compare_policies(
             if not overlap:
                 extra += ("no logged episode has a non-zero importance weight under this policy: FQE's value "
                           "extrapolates beyond the logged actions",)
+            refits = None
+            if fqe_refits:
+                from evaluation.ope.fqe import refit_values
+
+                assert fqe_config is not None
+                refits = refit_values(policy, episodes, fqe_config, fqe_refits, seed=seed, progress=progress)
+                fqe_info["refit_values"] = refits.tolist()
             estimates["fqe"] = fqe_estimate(initial_values, interval=interval, level=level, n_boot=n_boot,
-                                            seed=seed, warnings=extra)
+                                            seed=seed, warnings=extra, refits=refits)
         estimates = {n: estimates[n] for n in names}
         for name, est in estimates.items():
             if not est.identifiable:
@@ -381,7 +407,8 @@ def compare_policies(
         results.append(PolicyResult(label, str(getattr(policy, "name", type(policy).__name__)), estimates,
                                     fqe_info, truth, fair, tuple(policy_notes)))
     return Comparison(results, names, interval, level, n_boot, seed, _data_summary(dataset, episodes), truth_info,
-                      tuple(notes), {c: list(o) for c, o in groups.order.items()} if groups is not None else {})
+                      tuple(notes), {c: list(o) for c, o in groups.order.items()} if groups is not None else {},
+                      fqe_refits if "fqe" in names else 0)
 
 
 # ----------------------------------------------------------------------------- TensorBoard
@@ -460,6 +487,6 @@ def write_tensorboard(result: Comparison, logdir: str | Path, step: int = 0) -> 
     return folders
 
 
-__all__ = ["ALL_ESTIMATORS", "COMPARE_INTERVALS", "DEFAULT_ESTIMATORS", "FQE_INTERVAL_NOTE", "Comparison",
-           "PolicyResult", "add_scalars", "compare_policies", "headline_estimator", "json_safe",
+__all__ = ["ALL_ESTIMATORS", "COMPARE_INTERVALS", "DEFAULT_ESTIMATORS", "FQE_INTERVAL_NOTE", "FQE_REFIT_NOTE",
+           "Comparison", "PolicyResult", "add_scalars", "compare_policies", "headline_estimator", "json_safe",
            "resolve_estimators", "safe_folder_name", "scalars", "truth_environment", "write_tensorboard"]

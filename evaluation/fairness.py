@@ -36,7 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from envs.spec import ACTION_CARE_CLASS, ACTION_NAMES, FEATURE_INDEX, SUBGROUP_FEATURES
-from evaluation.ope import RatioTerms, bootstrap_values, percentile_interval
+from evaluation.ope import RatioTerms, bootstrap_values, percentile_interval, refit_interval
 from evaluation.ope.estimators import ESTIMATORS, Estimate, estimate_all
 
 if TYPE_CHECKING:
@@ -154,14 +154,19 @@ def fqe_estimate(
     n_boot: int = 1000,
     seed: int = 0,
     warnings: Iterable[str] = (),
+    refits: NDArray[np.floating] | None = None,
 ) -> Estimate:
     """FQE's value on some episodes, the mean of their per-episode initial values, as an :class:`Estimate`.
 
-    The interval (whatever ``interval`` asks for, when it is not None) is the
-    percentile bootstrap of that mean over episodes: it reflects the spread of
-    initial states only and treats the fitted Q-function as exact, i.e. it
-    ignores model (regression and extrapolation) error and is too narrow.
-    ``ess`` is NaN: FQE has no importance weights.
+    With ``refits`` (FQE's values refitted on bootstrap resamples, see
+    :func:`evaluation.ope.fqe.refit_values`) the interval is
+    :func:`~evaluation.ope.intervals.refit_interval`, which carries the
+    sampling and fitting error of the Q-model. Without, the interval (whatever
+    ``interval`` asks for, when it is not None) is the percentile bootstrap of
+    the mean over episodes: it reflects the spread of initial states only and
+    treats the fitted Q-function as exact, i.e. it ignores model (regression
+    and extrapolation) error and is too narrow. ``ess`` is NaN: FQE has no
+    importance weights.
     """
     x = np.asarray(initial_values, dtype=np.float64)
     n = len(x)
@@ -171,7 +176,11 @@ def fqe_estimate(
                         "no episodes", notes)
     low = high = None
     method = None
-    if interval is not None and n >= 2:
+    if interval is not None and refits is not None:
+        result = refit_interval(float(x.mean()), refits, level)
+        low, high, method = result.low, result.high, "refit"
+        notes += (f"interval from {len(refits)} FQE refits on bootstrap resamples of episodes",)
+    elif interval is not None and n >= 2:
         boot = bootstrap_values([RatioTerms.mean(x)], n_boot, seed)[0]
         result = percentile_interval(boot, level)
         low, high, method = result.low, result.high, "bootstrap"

@@ -203,10 +203,14 @@ def render_markdown(result: Comparison, plots: Mapping[str, str] | None = None, 
     lines.append(f"- Intervals: level **{level}**. Importance-sampling and doubly robust rows: {interval_name}"
                  + (f" ({result.n_boot} resamples, seed {result.seed})" if result.interval in ("bootstrap", "bca")
                     else "") + ".")
-    if "fqe" in result.estimators:
+    if "fqe" in result.estimators and result.fqe_refits:
+        lines.append(f"- FQE rows: value +- t * sd of **{result.fqe_refits} FQE refits** on bootstrap resamples of "
+                     "episodes. It carries the Q-model's sampling and fitting error, but not a bias every refit "
+                     "shares (extrapolation to actions the log rarely took).")
+    elif "fqe" in result.estimators:
         lines.append(f"- FQE rows: percentile bootstrap of FQE's per-episode initial values ({result.n_boot} "
                      "resamples). **It ignores model error** (the fitted Q-function is treated as exact), so it is "
-                     "too narrow.")
+                     "too narrow; `--fqe-refits N` gives an interval that carries it.")
     lines.append("- Unidentifiable estimates (no logged episode with a non-zero importance weight) are shown as "
                  "*not identifiable* with the reason, never as a number.")
     lines.append(f"- The interval method of each row is in its *interval* column; ESS is Kish's effective sample "

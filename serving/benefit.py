@@ -21,7 +21,7 @@ extrapolating alike, so the interval can be too narrow; the response says so.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,22 +70,11 @@ def phq9_fall(transitions: Transitions) -> NDArray[np.float32]:
     return np.where(transitions.done, 0.0, fall).astype(np.float32)
 
 
-def resample_episodes(transitions: Transitions, rng: np.random.Generator) -> Transitions:
-    """A bootstrap resample: episodes drawn with replacement, renumbered in order."""
-    episode = transitions.episode
-    starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
-    lengths = np.diff(np.r_[starts, len(episode)])
-    chosen = rng.integers(0, len(starts), size=len(starts))
-    rows = np.concatenate([np.arange(starts[e], starts[e] + lengths[e]) for e in chosen])
-    new_episode = np.repeat(np.arange(len(chosen), dtype=np.int64), lengths[chosen])
-    taken = {f.name: getattr(transitions, f.name)[rows] for f in fields(transitions) if f.name != "episode"}
-    return replace(transitions, **taken, episode=new_episode)
-
-
 def fit_benefit(policy: Policy, transitions: Transitions, config: BenefitConfig, *,
                 progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Fit the ensemble; returns the tensors to store and the manifest entry describing them."""
-    from evaluation.ope.fqe import FQEConfig, fit_fqe  # fitting only: keeps it off the serving start-up path
+    # fitting only: keeps torch's FQE off the serving start-up path
+    from evaluation.ope.fqe import FQEConfig, fit_fqe, resample_episodes
 
     data = replace(transitions, reward=phq9_fall(transitions))
     rng = np.random.default_rng(config.seed)

@@ -29,6 +29,7 @@ from evaluation.ope.intervals import (
     bootstrap_values,
     hoeffding_lower,
     percentile_interval,
+    refit_interval,
     resample_counts,
     t_interval,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "lower_bound",
     "percentile_interval",
     "prepare",
+    "refit_interval",
     "regret_at_k",
     "resample_counts",
     "selection_metrics",

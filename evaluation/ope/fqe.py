@@ -33,16 +33,20 @@ Here:
 Uncertainty: :attr:`FQEResult.initial_values` are per-episode estimates, so a
 caller can bootstrap their mean; such an interval reflects only the spread of
 initial states and treats the fitted Q-function as exact, i.e. it ignores
-model (regression and extrapolation) error. Refitting FQE on bootstrap
-resamples of episodes captures more of it, at a refit per resample.
+model (regression and extrapolation) error. :func:`refit_values` refits FQE
+on bootstrap resamples of episodes, each with its own network seed, and
+:func:`~evaluation.ope.intervals.refit_interval` turns their spread into an
+interval that carries the sampling and fitting error too (not a bias every
+refit shares, such as extrapolation to actions the log never took), at a
+refit per resample.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -271,6 +275,54 @@ def _fit(policy: Policy, arrays: dict[str, NDArray[Any]], config: FQEConfig, pro
                      policy=str(getattr(policy, "name", type(policy).__name__)), history=history)
 
 
+@overload
+def resample_episodes(data: Transitions, rng: np.random.Generator) -> Transitions: ...
+@overload
+def resample_episodes(data: Episodes, rng: np.random.Generator) -> Episodes: ...
+def resample_episodes(data: Transitions | Episodes, rng: np.random.Generator) -> Transitions | Episodes:
+    """A bootstrap resample: as many episodes drawn with replacement (transitions renumbered in order)."""
+    if isinstance(data, Episodes):
+        chosen = rng.integers(0, len(data), size=len(data))
+        return replace(data, **{f.name: getattr(data, f.name)[chosen] for f in fields(data)
+                                if getattr(data, f.name) is not None})
+    episode = data.episode
+    starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
+    lengths = np.diff(np.r_[starts, len(episode)])
+    chosen = rng.integers(0, len(starts), size=len(starts))
+    rows = np.concatenate([np.arange(starts[e], starts[e] + lengths[e]) for e in chosen])
+    new_episode = np.repeat(np.arange(len(chosen), dtype=np.int64), lengths[chosen])
+    taken = {f.name: getattr(data, f.name)[rows] for f in fields(data) if f.name != "episode"}
+    return replace(data, **taken, episode=new_episode)
+
+
+def refit_values(
+    policy: Policy,
+    episodes: Transitions | Episodes,
+    config: FQEConfig | None = None,
+    n_refits: int = 10,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> NDArray[np.float64]:
+    """FQE's value refitted on ``n_refits`` bootstrap resamples of ``episodes``.
+
+    Refit ``k`` draws its resample from ``default_rng((seed, k))`` and seeds
+    its network with ``config.seed + 1 + k``, so the spread holds both the
+    sampling error of the data and the randomness of the fit.
+    """
+    if isinstance(n_refits, bool) or not isinstance(n_refits, int | np.integer) or n_refits < 2:
+        raise ValueError(f"FQE refits must be an integer of at least 2, got {n_refits!r}")
+    config = config if config is not None else FQEConfig()
+    values = np.empty(n_refits)
+    name = getattr(policy, "name", type(policy).__name__)
+    for k in tqdm(range(n_refits), desc=f"FQE refits {name}", unit="refit", disable=not progress, leave=False):
+        sample = resample_episodes(episodes, np.random.default_rng((seed, k)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the full-data fit has already said what is wrong
+            values[k] = fit_fqe(policy, sample, replace(config, seed=config.seed + 1 + k), progress=False).value
+    return values
+
+
 def _flatten(data: Transitions | Episodes) -> dict[str, NDArray[Any]]:
     """Transition arrays (obs, action, reward, next_obs, done, mask, next_mask, episode)."""
     if isinstance(data, Transitions):
@@ -332,4 +384,4 @@ def _predict(network: PolicyNetwork, obs: NDArray[np.float32]) -> NDArray[np.flo
     return _predict_tensor(network, torch.as_tensor(obs, device=device)).double().cpu().numpy()
 
 
-__all__ = ["FQEConfig", "FQEResult", "fit_fqe"]
+__all__ = ["FQEConfig", "FQEResult", "fit_fqe", "refit_values", "resample_episodes"]

@@ -224,3 +224,21 @@ def test_truth_environment_follows_the_data(dataset):
     assert settings.horizon == 26 and any("no simulator settings" in n for n in notes)
     meta = {**dataset.metadata, "sim_params": {"path": "/nowhere/params.yaml", "sha256": "0", "overrides": {}}}
     assert any("not here" in n for n in truth_environment(meta)[2])
+
+
+def test_fqe_refits_give_fqe_its_interval_and_say_so(dataset, tmp_path):
+    result = compare_policies(dataset, [make_baseline("stard", 0.1)], estimators=("wis", "fqe"), n_boot=100,
+                              fqe_config=TINY_FQE, fqe_refits=3, fairness=False, progress=False)
+    fqe = result.policies[0].estimates["fqe"]
+    refits = result.policies[0].fqe["refit_values"]
+    assert fqe.interval == "refit" and len(refits) == 3 and fqe.low < fqe.value < fqe.high
+    assert result.to_json()["fqe_interval"] == "refit" and result.to_json()["fqe_refits"] == 3
+    assert any("3 FQE refits" in note for note in result.notes)
+    write_report(result, tmp_path / "report")
+    assert "3 FQE refits" in (tmp_path / "report" / "report.md").read_text()
+    plain = compare_policies(dataset, [make_baseline("stard", 0.1)], estimators=("wis", "fqe"), n_boot=100,
+                             fqe_config=TINY_FQE, fairness=False, progress=False)
+    assert plain.to_json()["fqe_interval"] == "bootstrap" and plain.policies[0].estimates["fqe"].interval == "bootstrap"
+    for bad in (1, -2, True, 2.5):
+        with pytest.raises(ValueError, match="fqe_refits"):
+            compare_policies(dataset, [make_baseline("stard")], estimators="fqe", fqe_refits=bad, progress=False)

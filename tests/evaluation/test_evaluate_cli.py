@@ -99,6 +99,7 @@ def test_no_fqe_rerun_replaces_the_report_and_prints_a_summary(data, tmp_path, c
     (["--policy", "{tmp}/tampered"], "does not match the recorded"),
     (["--estimators", "wis,foo"], "'foo'"),
     (["--estimators", "wis,dr", "--no-fqe"], "dr need FQE"),
+    (["--estimators", "fqe", "--fqe-refits", "1"], "fqe_refits must be 0 (no refits) or an integer of at least 2"),
     (["--data", "{tmp}/garbage.parquet"], "not a readable Parquet file"),
 ])
 def test_bad_inputs_exit_1_and_leave_no_report(data, tmp_path, capsys, args, message):

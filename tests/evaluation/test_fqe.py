@@ -8,7 +8,7 @@ import pytest
 
 from envs.params import EnvSettings
 from evaluation.ground_truth import rollout
-from evaluation.ope.fqe import FQEConfig, fit_fqe
+from evaluation.ope.fqe import FQEConfig, fit_fqe, refit_values, resample_episodes
 from offline_data.dataset import Transitions, load_dataset
 from offline_data.generate import generate
 from policies.baselines import make_baseline
@@ -178,3 +178,42 @@ def test_episodes_and_transitions_give_the_same_fit(simulated):
     with pytest.warns(UserWarning, match="iterations"):
         b = fit_fqe(policy, simulated.episodes(), config, progress=False)
     assert np.array_equal(a.initial_values, b.initial_values)
+
+
+# ---------------------------------------------------------------- refits on bootstrap resamples
+
+
+def test_resampled_episodes_keep_every_field_of_an_episode_together(simulated):
+    episodes = simulated.episodes()
+    sample = resample_episodes(episodes, np.random.default_rng(4))
+    assert len(sample) == len(episodes) and sample.obs.shape == episodes.obs.shape
+    # episode ids are unique in the log, so each drawn episode can be found and compared field by field
+    position = {int(e): i for i, e in enumerate(episodes.episode_id)}
+    chosen = np.array([position[int(e)] for e in sample.episode_id])
+    assert len(np.unique(chosen)) < len(chosen)  # drawn with replacement
+    for name in ("obs", "action", "reward", "mask", "behavior_prob", "valid", "lengths", "patient_id"):
+        assert np.array_equal(getattr(sample, name), getattr(episodes, name)[chosen]), name
+    again = resample_episodes(episodes, np.random.default_rng(4))
+    assert np.array_equal(again.episode_id, sample.episode_id)
+
+
+def test_refit_interval_is_wider_than_the_initial_state_bootstrap_and_covers_the_truth(simulated, params):
+    """The initial-state bootstrap treats the fitted Q-function as exact; refits on resamples carry
+    its sampling and fitting error, so their interval is wider, and here it brackets the truth."""
+    from evaluation.fairness import fqe_estimate
+
+    policy = make_baseline("stard", 0.1)  # off-policy: the log is epsilon 0.3
+    config = FQEConfig(iterations=HORIZON + 2, updates_per_iteration=80, batch_size=512, hidden=(64, 64),
+                       device="cpu", seed=0)
+    episodes = simulated.episodes()
+    fitted = fit_fqe(policy, episodes, config, progress=False)
+    refits = refit_values(policy, episodes, config, 4, seed=1, progress=False)
+    assert np.all(np.isfinite(refits)) and np.std(refits) > 0
+    naive = fqe_estimate(fitted.initial_values, level=0.95, n_boot=500)
+    honest = fqe_estimate(fitted.initial_values, level=0.95, refits=refits)
+    assert honest.interval == "refit" and honest.value == naive.value
+    assert honest.high - honest.low > naive.high - naive.low
+    truth = rollout(policy, 20_000, seed=5, params=params, settings=EnvSettings(horizon=HORIZON)).value
+    assert honest.low <= truth.value <= honest.high, (honest, truth)
+    with pytest.raises(ValueError, match="at least 2"):
+        refit_values(policy, episodes, config, 1, progress=False)

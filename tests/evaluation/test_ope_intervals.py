@@ -21,6 +21,7 @@ from evaluation.ope import (
     hoeffding_lower,
     percentile_interval,
     prepare,
+    refit_interval,
     resample_counts,
     t_interval,
 )
@@ -230,3 +231,14 @@ def test_t_needs_two_episodes():
         estimate("is", episodes, probs, interval="t")
     with pytest.raises(ValueError, match="at least 2 episodes"):
         t_interval(RatioTerms.mean(np.array([1.0])))
+
+
+def test_refit_interval_is_point_plus_minus_t_times_the_refits_sd():
+    result = refit_interval(10.0, np.array([1.0, 2.0, 3.0]), level=0.95)  # sd 1, t(2 df, 0.975) = 4.3027
+    assert result.method == "refit"
+    assert result.low == pytest.approx(10.0 - 4.302653, abs=1e-5)
+    assert result.high == pytest.approx(10.0 + 4.302653, abs=1e-5)
+    with pytest.raises(ValueError, match="at least 2"):
+        refit_interval(0.0, np.array([1.0]))
+    with pytest.raises(ValueError, match="finite"):
+        refit_interval(0.0, np.array([1.0, np.nan]))

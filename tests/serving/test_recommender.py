@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from envs.rules import action_mask
 from envs.spec import ACTION_NAMES, BASE_FEATURES, FEATURE_BOUNDS, FEATURE_INDEX, N_ACTIONS, N_FEATURES
+from evaluation.ope.fqe import resample_episodes
 from offline_data.dataset import load_dataset
 from policies.bundle import BundleError, load, update_bundle
-from serving.benefit import phq9_fall, resample_episodes
+from serving.benefit import phq9_fall
 from serving.patient import ITEM9_MISSING_ALERT, RULE_FEATURE_DEFAULTS, build_observation, describe_feature
 from serving.recommender import NotPrepared, Recommender, rank_actions
 from serving.schemas import INTEGER_FEATURES
