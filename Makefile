@@ -59,7 +59,7 @@ benchmarks: venv
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/ope_speed.py
-	$(BIN)/python benchmarks/ope_accuracy.py --model-repeats 2 --fqe-updates 100
+	$(BIN)/python benchmarks/ope_accuracy.py --truth-patients 100000 --model-repeats 2 --fqe-updates 100 --fqe-refits 5
 	$(BIN)/python benchmarks/serve_latency.py
 	$(BIN)/python benchmarks/serve_soak.py --seconds 300
 	$(BIN)/python benchmarks/serve_soak.py --seconds 0 --kill-after 20 --out benchmarks/results/serve_crash.json

@@ -5,7 +5,7 @@ from envs import dynamics as D
 from envs.params import EnvSettings
 from envs.spec import Action
 from evaluation.ground_truth import rollout
-from evaluation.zoo import MixturePolicy, PreferAction, lean, policy_zoo
+from evaluation.zoo import ZOOS, MixturePolicy, PreferAction, lean, policy_zoo
 from policies import make_baseline
 
 
@@ -17,11 +17,12 @@ def states(params):
     return D.observe_and_mask(state)
 
 
-def test_zoo_has_ten_uniquely_named_candidates_that_respect_the_mask(states):
+@pytest.mark.parametrize("kind", sorted(ZOOS))
+def test_zoo_has_ten_uniquely_named_candidates_that_respect_the_mask(states, kind):
     obs, mask = states
     mask = mask.copy()
     mask[::3, Action.ADD_PSYCHOTHERAPY] = False  # make sure a lean towards a blocked action is caught
-    zoo = policy_zoo()
+    zoo = ZOOS[kind]()
     assert len(zoo) >= 10 and len({p.name for p in zoo}) == len(zoo)
     for policy in zoo:
         probs = policy.action_probs(obs, mask)
@@ -42,7 +43,32 @@ def test_lean_mixes_in_the_preferred_action_where_allowed(states):
 
 def test_zoo_members_differ_in_true_value_in_the_documented_order():
     zoo = {p.name: p for p in policy_zoo()}
-    value = {name: rollout(zoo[name], 2000, seed=3).value for name in
-             ("stard_lean_switch_class", "stard_eps0.1", "stard_lean_psychotherapy_0.3")}
-    low, mid, high = (value[n] for n in ("stard_lean_switch_class", "stard_eps0.1", "stard_lean_psychotherapy_0.3"))
+    names = ("stard_lean_switch_class_0.05", "stard_eps0.1", "stard_lean_psychotherapy_0.1_refer_0.05")
+    low, mid, high = (rollout(zoo[name], 2000, seed=3).value for name in names)
     assert low.high < mid.low and mid.high < high.low
+
+
+@pytest.fixture(scope="module")
+def stard_log(tmp_path_factory):
+    from offline_data.dataset import load_dataset
+    from offline_data.generate import generate
+
+    path = tmp_path_factory.mktemp("zoo") / "log.parquet"
+    generate(path, policy="stard", epsilon=0.1, patients=2000, seed=11, include_true_phq9=False)
+    return load_dataset(path).episodes()
+
+
+def test_the_identifiable_zoo_is_overlapped_by_the_log_and_the_stress_zoo_is_not(stard_log):
+    """The split the accuracy benchmark rests on: every identifiable member keeps a usable effective
+    sample size on an epsilon-0.1 STAR*D log, the random policy of the stress zoo does not."""
+    from evaluation.ope import estimate, target_probabilities
+
+    def ess(policy):
+        return estimate("wis", stard_log, target_probabilities(policy, stard_log), interval=None).ess
+
+    n = len(stard_log.obs)
+    identifiable = {p.name: ess(p) for p in policy_zoo()}
+    assert min(identifiable.values()) >= 0.02 * n, identifiable
+    stress = {p.name: ess(p) for p in ZOOS["stress"]()}
+    assert stress["random"] < 0.005 * n, stress
+    assert sorted(stress.values())[len(stress) // 2] < sorted(identifiable.values())[0]
