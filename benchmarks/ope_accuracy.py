@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--level", type=float, default=0.95)
     parser.add_argument("--fqe-updates", type=int, default=None, help="FQE updates per iteration (default: FQE's)")
+    parser.add_argument("--bundle", type=Path, action="append", default=[], metavar="POLICY",
+                        help="a trained policy bundle: joins the stress zoo as it is, and the identifiable zoo as "
+                             "STAR*D leaning 10 %% towards it (repeatable)")
     parser.add_argument("--truth-json", type=Path, default=None,
                         help="take the ground truths from an earlier result of this script instead of rolling out")
     parser.add_argument("--rescore", type=Path, default=None,
@@ -128,7 +131,7 @@ def main() -> None:
         parser.error(f"--model-zoos: unknown zoo(s) {sorted(unknown)}; expected {sorted(ZOOS)}")
 
     started = time.perf_counter()
-    zoos = {name: ZOOS[name]() for name in zoo_names}
+    zoos = {name: ZOOS[name](args.bundle) for name in zoo_names}
     truths = ground_truths(zoos, args)
     rows: list[dict[str, Any]] = []
     if args.rescore is not None:
@@ -147,7 +150,8 @@ def main() -> None:
                     rows.extend(candidate_rows(episodes, policy, zoo_name, rep, truths[policy.name].value, args,
                                                models=rep < args.model_repeats and zoo_name in model_zoos))
 
-    setting = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    setting = {k: str(v) if isinstance(v, Path) else [str(b) for b in v] if k == "bundle" else v
+               for k, v in vars(args).items()}
     result: dict[str, Any] = {"setting": setting,
                               "zoos": {z: [p.name for p in zoo] for z, zoo in zoos.items()},
                               "truth": {n: t.__dict__ for n, t in truths.items()}, "scores": {}, "rows": rows}

@@ -72,3 +72,19 @@ def test_the_identifiable_zoo_is_overlapped_by_the_log_and_the_stress_zoo_is_not
     stress = {p.name: ess(p) for p in ZOOS["stress"]()}
     assert stress["random"] < 0.005 * n, stress
     assert sorted(stress.values())[len(stress) // 2] < sorted(identifiable.values())[0]
+
+
+def test_a_trained_bundle_joins_the_stress_zoo_as_it_is_and_the_identifiable_zoo_as_a_lean(tmp_path, states):
+    from tests.evaluation.test_evaluate_cli import make_bundle
+
+    bundle = make_bundle(tmp_path / "policy")
+    identifiable = policy_zoo([bundle])
+    stress = ZOOS["stress"]([bundle])
+    assert len(identifiable) == len(policy_zoo()) + 1 and len(stress) == len(ZOOS["stress"]()) + 1
+    trained, leaning = stress[-1], identifiable[-1]
+    assert trained.name == "cli-test-policy" and leaning.name == "stard_lean_cli-test-policy_0.1"
+    obs, mask = states
+    expected = 0.9 * make_baseline("stard").action_probs(obs, mask) + 0.1 * trained.action_probs(obs, mask)
+    assert np.allclose(leaning.action_probs(obs, mask), expected)
+    with pytest.raises(ValueError, match="unique"):
+        policy_zoo([bundle, bundle])
