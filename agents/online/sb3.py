@@ -19,6 +19,7 @@ import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 
 from agents.offline.base import MetricsCallback, resolve_device
@@ -91,6 +92,9 @@ class OnlineAgent:
         self.device = resolve_device(config.device)
         self.vec_env = self._make_env()
         self.model = self._make_model()
+        # Our callback reads SB3's logged values and reports them (TensorBoard, train.log). Without a
+        # logger of its own, SB3 makes an empty tempdir/SB3-<time> folder on every learn() and leaves it.
+        self.model.set_logger(Logger(folder=None, output_formats=[]))
 
     def _make_env(self) -> VecNormalize | Any:
         cls = SubprocVecEnv if self.config.vec_env == "subproc" else DummyVecEnv

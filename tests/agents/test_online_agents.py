@@ -1,3 +1,5 @@
+import tempfile
+
 import numpy as np
 import pytest
 import torch
@@ -17,11 +19,15 @@ def observations(params):
 
 
 @pytest.mark.parametrize("name", ONLINE)
-def test_export_reproduces_the_sb3_policy_exactly(tmp_path, observations, name):
+def test_export_reproduces_the_sb3_policy_exactly(tmp_path, observations, name, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where SB3 would put its own log folder
     extra = {"learning_starts": 0, "buffer_size": 2000} if name == "dqn" else {"n_steps": 64}
     agent = make_agent(name, {"total_timesteps": 256, "n_envs": 2, "hidden": [16, 16], "device": "cpu",
                               "algo_kwargs": extra})
     agent.fit(progress=False)
+    assert list(scratch.glob("SB3-*")) == []  # training leaves no SB3-<time> log folders behind
     obs, mask = observations
     policy = load(agent.export(tmp_path / name, name=name))
     normalised = torch.as_tensor(agent.vec_env.normalize_obs(obs.copy()), dtype=torch.float32)
