@@ -118,7 +118,7 @@ def main() -> None:
                         help="a trained policy bundle: joins the stress zoo as it is, and the identifiable zoo as "
                              "STAR*D leaning 10 %% towards it (repeatable)")
     parser.add_argument("--truth-json", type=Path, default=None,
-                        help="take the ground truths from an earlier result of this script instead of rolling out")
+                        help="reuse the ground truths of an earlier result of this script (roll out only the others)")
     parser.add_argument("--rescore", type=Path, default=None,
                         help="score the estimates of an earlier result against this run's truths (no estimation)")
     parser.add_argument("--out", type=Path, default=RESULTS / "ope_accuracy.json")
@@ -178,18 +178,21 @@ def main() -> None:
 
 
 def ground_truths(zoos: dict[str, list[Any]], args: argparse.Namespace) -> dict[str, Interval]:
-    """Every candidate's simulator truth: one rollout per distinct name (the logger is in both zoos)."""
-    names = list(dict.fromkeys(p.name for zoo in zoos.values() for p in zoo))
+    """Every candidate's simulator truth: one rollout per distinct name (the logger is in both zoos).
+
+    With ``--truth-json`` the truths of an earlier run are reused (and its number of patients with
+    them); only candidates it lacks are rolled out.
+    """
+    policies = {p.name: p for zoo in zoos.values() for p in zoo}
+    truths: dict[str, Interval] = {}
     if args.truth_json is not None:
         earlier = json.loads(args.truth_json.read_text())
-        missing = [n for n in names if n not in earlier["truth"]]
-        if missing:
-            raise SystemExit(f"--truth-json {args.truth_json}: no truth for {', '.join(missing)}")
         args.truth_patients = earlier["setting"]["truth_patients"]
-        return {n: Interval(**earlier["truth"][n]) for n in names}
-    policies = {p.name: p for zoo in zoos.values() for p in zoo}
-    return {n: rollout(policies[n], args.truth_patients, seed=10_000).value
-            for n in tqdm(names, desc="ground truth", unit="policy")}
+        truths = {n: Interval(**earlier["truth"][n]) for n in policies if n in earlier["truth"]}
+    missing = [n for n in policies if n not in truths]
+    for name in tqdm(missing, desc="ground truth", unit="policy"):
+        truths[name] = rollout(policies[name], args.truth_patients, seed=10_000).value
+    return truths
 
 
 def candidate_rows(episodes: Any, policy: Any, zoo: str, rep: int, truth: float, args: argparse.Namespace,
