@@ -82,6 +82,7 @@ _CONFIG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.ope.fairness": _BOOL,
     "eval.ope.fqe_iterations": _POSITIVE_INT,
     "eval.ope.fqe_updates": _POSITIVE_INT,
+    "eval.ope.fqe_refits": (lambda v: _is_int(v) and (v == 0 or v >= 2), "0 (no refits) or an integer of at least 2"),
     "explain.enabled": _BOOL,
     "explain.background_size": _POSITIVE_INT,
     "explain.members": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2 (an interval needs a spread)"),
@@ -245,7 +246,8 @@ def off_policy_evaluation(cfg: DictConfig, policy: Any, validation: Any, writer:
                     seed=int(cfg.seed))
     result = compare_policies(validation, {"policy": policy}, estimators=tuple(ope.estimators),
                               n_boot=int(ope.n_boot), level=float(ope.level), seed=int(cfg.seed), fqe_config=fqe,
-                              fairness=bool(ope.fairness), progress=bool(cfg.progress))
+                              fairness=bool(ope.fairness), fqe_refits=int(ope.fqe_refits),
+                              progress=bool(cfg.progress))
     add_scalars(writer, result, "policy")
     return dict(result.to_json())
 

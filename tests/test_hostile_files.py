@@ -784,6 +784,7 @@ BAD_CONFIGS: list[tuple[list[str], str]] = [
     (["eval.patients=-1"], "eval.patients"),
     (["eval.ope.level=95"], "eval.ope.level"),
     (["eval.ope.estimators=[magic]"], "eval.ope.estimators"),
+    (["eval.ope.fqe_refits=1"], "eval.ope.fqe_refits"),
     (["explain.members=1"], "explain.members"),
     (["explain.enabled=maybe"], "explain.enabled"),
     (["train_fraction=0"], "train_fraction"),

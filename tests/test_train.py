@@ -66,7 +66,7 @@ def test_every_agent_config_composes_into_its_config_dataclass(agent):
 
 
 def test_smoke_run_trains_evaluates_logs_and_bundles(tmp_path):
-    result = run_train(tmp_path, "agent=bcq", "seed=1")
+    result = run_train(tmp_path, "agent=bcq", "seed=1", "eval.ope.fqe_refits=2")
     run = tmp_path / "runs" / "bcq" / "seed1"
     assert "bcq seed 1: remission" in result.stdout and "blocked actions 0" in result.stdout
     metrics = json.loads((run / "metrics.json").read_text())
@@ -83,6 +83,7 @@ def test_smoke_run_trains_evaluates_logs_and_bundles(tmp_path):
             "ope/wis/value", "ope/wis/lo", "ope/wis/hi", "ope/fqe/value", "ope/wdr/value"} <= tags
     ope = metrics["off_policy_validation"]
     assert ope is not None and policy.manifest.evaluation["off_policy_validation"] == ope
+    assert ope["fqe_interval"] == "refit" and ope["policies"][0]["estimates"]["fqe"]["interval"] == "refit"
     assert (run / "config.yaml").exists() and not (run / "checkpoint.pt").exists()
     again = run_train(tmp_path, "agent=bcq", "seed=1", check=False)
     assert again.returncode != 0 and "overwrite=true" in (again.stdout + again.stderr)
