@@ -136,6 +136,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     if args.rescore is not None:
         rows = [r for r in json.loads(args.rescore.read_text())["rows"] if r["zoo"] in zoos]
+        if unknown_policies := sorted({r["policy"] for r in rows} - set(truths)):
+            parser.error(f"--rescore {args.rescore}: candidates not in these zoos: {', '.join(unknown_policies)} "
+                         "(pass the --bundle options of that run)")
         for r in rows:
             r["truth"] = truths[r["policy"]].value
         zoos = {z: zoo for z, zoo in zoos.items() if any(r["zoo"] == z for r in rows)}
