@@ -21,7 +21,7 @@ extrapolating alike, so the interval can be too narrow; the response says so.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,10 @@ def phq9_fall(transitions: Transitions) -> NDArray[np.float32]:
     """Observed PHQ-9 fall over each logged week (0 on the last week of an episode)."""
     fall = transitions.obs[:, _PHQ9] - transitions.next_obs[:, _PHQ9]
     return np.where(transitions.done, 0.0, fall).astype(np.float32)
+
+
+#: The fields of ``explain.benefit`` (what :func:`fit_benefit` writes): serving refuses any other.
+BENEFIT_ENTRY_KEYS = frozenset({"file", "method", "network", "transitions", *(f.name for f in fields(BenefitConfig))})
 
 
 def fit_benefit(policy: Policy, transitions: Transitions, config: BenefitConfig, *,

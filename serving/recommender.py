@@ -31,7 +31,7 @@ from envs.spec import (
     Action,
 )
 from policies.bundle import MANIFEST, BundleError, BundlePolicy, load
-from serving.benefit import BenefitModel
+from serving.benefit import BENEFIT_ENTRY_KEYS, BenefitModel
 from serving.explain import Explainer
 from serving.patient import build_observation
 from serving.schemas import (
@@ -146,8 +146,13 @@ def _in_bounds(feature: str, value: Any) -> bool:
             and low <= value <= high)
 
 
+#: The fields ``carepath prepare`` writes under ``explain``: serving refuses any other.
+EXPLAIN_KEYS = frozenset({"background", "feature_medians", "benefit", "prepared_on", "prepare_config"})
+
+
 def check_serving_section(explain: Mapping[str, Any], where: Any) -> None:
     """Refuse an ``explain`` section that ``carepath prepare`` cannot have written, naming the field."""
+    _refuse_unknown_keys(explain, EXPLAIN_KEYS, "explain", where)
     medians = explain["feature_medians"]
     if not isinstance(medians, dict):
         raise BundleError(f"{where}: field 'explain.feature_medians' must be an object")
@@ -164,6 +169,7 @@ def check_serving_section(explain: Mapping[str, Any], where: Any) -> None:
     benefit = explain["benefit"]
     if not isinstance(benefit, dict):
         raise BundleError(f"{where}: field 'explain.benefit' must be an object")
+    _refuse_unknown_keys(benefit, BENEFIT_ENTRY_KEYS, "explain.benefit", where)
     checks = {"file": lambda v: isinstance(v, str), "network": lambda v: isinstance(v, dict),
               "members": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2,
               "level": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1,
@@ -172,6 +178,12 @@ def check_serving_section(explain: Mapping[str, Any], where: Any) -> None:
         if key not in benefit or not ok(benefit[key]):
             got = repr(benefit.get(key))[:80]
             raise BundleError(f"{where}: field 'explain.benefit.{key}' is missing or invalid, got {got}")
+
+
+def _refuse_unknown_keys(section: Mapping[str, Any], known: frozenset[str], name: str, where: Any) -> None:
+    unknown = sorted(str(k) for k in set(section) - known)
+    if unknown:
+        raise BundleError(f"{where}: field '{name}' has unknown key(s) {', '.join(repr(k)[:40] for k in unknown[:5])}")
 
 
 def rank_actions(probs: NDArray[np.floating], scores: NDArray[np.floating], mask: NDArray[np.bool_]) -> list[int]:

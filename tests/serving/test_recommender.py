@@ -187,6 +187,24 @@ def test_a_tampered_benefit_file_refuses_to_load(prepared_bundle: Path, tmp_path
         load(copy)
 
 
+@pytest.mark.parametrize("section", [(), ("benefit",)], ids=["explain", "explain.benefit"])
+def test_an_unknown_key_in_the_serving_section_is_refused(prepared_bundle: Path, tmp_path: Path,
+                                                          section: tuple[str, ...]) -> None:
+    """What prepare writes is a closed set: an extra key is an edit no command made."""
+    copy = tmp_path / "policy"
+    shutil.copytree(prepared_bundle, copy)
+    manifest = json.loads((copy / "bundle.json").read_text())
+    target = manifest["explain"]
+    for key in section:
+        target = target[key]
+    target["unexpected"] = 1
+    (copy / "bundle.json").write_text(json.dumps(manifest))
+    name = ".".join(("explain", *section))
+    with pytest.raises(BundleError, match=f"field '{name}' has unknown key.*'unexpected'"):
+        Recommender(copy, warm=False)
+    Recommender(prepared_bundle, warm=False)  # the bundle as prepared still serves
+
+
 def test_updating_a_bundle_keeps_weights_and_extra_files(prepared_bundle: Path, tmp_path: Path) -> None:
     copy = tmp_path / "policy"
     shutil.copytree(prepared_bundle, copy)
