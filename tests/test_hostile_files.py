@@ -115,6 +115,13 @@ def write_manifest(bundle: Path, manifest: Any) -> None:
     (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
+def edit_manifest(bundle: Path, path: tuple[Any, ...], value: Any) -> None:
+    """Set one field of the bundle's bundle.json to ``value``."""
+    manifest = read_manifest(bundle)
+    set_at(manifest, path, value)
+    write_manifest(bundle, manifest)
+
+
 def record_hash(bundle: Path, name: str) -> None:
     """Record the current sha256 of ``name`` in bundle.json, so only the format check stands."""
     digest = hashlib.sha256((bundle / name).read_bytes()).hexdigest()
@@ -303,9 +310,7 @@ def test_tampered_bundle_json_fields_are_refused(pristine: Path, scratch: Path) 
         if unchanged(value, original) or legitimate_edit(path, value, manifest):
             return  # not tampering (not counted)
         with bundle_copy(pristine, scratch) as bundle:
-            edited = read_manifest(bundle)
-            set_at(edited, path, value)
-            write_manifest(bundle, edited)
+            edit_manifest(bundle, path, value)
             names = (*(str(k) for k in path if isinstance(k, str)), ".safetensors", *SERVING_FIELDS)
             # explain and files are serving's: the policy alone may do without them
             trials.check(f"{'.'.join(map(str, path))} = {value!r}", bundle, names,
@@ -565,9 +570,7 @@ def test_tampered_serving_section_is_refused_by_the_recommender(pristine: Path, 
         if unchanged(value, original) or legitimate_serving_edit(path, value, original):
             return
         with bundle_copy(pristine, scratch) as bundle:
-            edited = read_manifest(bundle)
-            set_at(edited, path, value)
-            write_manifest(bundle, edited)
+            edit_manifest(bundle, path, value)
             trials.check(f"{'.'.join(map(str, path))} = {value!r}", bundle, (MANIFEST, BENEFIT),
                          load_may_accept=True)
 
@@ -594,9 +597,7 @@ def cli_cases(pristine: Path, marker: Path) -> list[tuple[str, str, Callable[[Pa
 
     def edit(path: tuple[Any, ...], value: Any) -> Callable[[Path], None]:
         def apply(bundle: Path) -> None:
-            manifest = read_manifest(bundle)
-            set_at(manifest, path, value)
-            write_manifest(bundle, manifest)
+            edit_manifest(bundle, path, value)
         return apply
 
     def flip(name: str) -> Callable[[Path], None]:
