@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 import time
 import types
@@ -30,6 +29,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from carepath.jsontypes import is_int, is_number
+
 log = logging.getLogger("carepath.train")
 
 
@@ -41,35 +42,29 @@ class ConfigError(ValueError):
     """A composed config with a value of the wrong type or out of range; the message names the field."""
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-_POSITIVE_INT = (lambda v: _is_int(v) and v > 0, "a positive integer")
-_NON_NEGATIVE_INT = (lambda v: _is_int(v) and v >= 0, "a non-negative integer")
+_POSITIVE_INT = (lambda v: is_int(v) and v > 0, "a positive integer")
+_NON_NEGATIVE_INT = (lambda v: is_int(v) and v >= 0, "a non-negative integer")
 _BOOL = (lambda v: isinstance(v, bool), "true or false")
-_LEVEL = (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)")
+_LEVEL = (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)")
 
 #: field -> (check, what it must be); Hydra does not type these (no structured config), so a
 #: string where a number belongs would otherwise surface minutes into a run, or not at all.
 _CONFIG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "seed": _NON_NEGATIVE_INT,
-    "train_fraction": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "train_fraction": (lambda v: is_number(v) and v > 0, "a positive number"),
     "checkpoint_every": _NON_NEGATIVE_INT,
     "overwrite": _BOOL,
     "progress": _BOOL,
     "data.path": (lambda v: v is None or isinstance(v, str), "a file path or null"),
     "data.cache_dir": (lambda v: isinstance(v, str) and v != "", "a folder path"),
-    "data.epsilon": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "data.epsilon": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "data.patients": _POSITIVE_INT,
     "data.seed": _NON_NEGATIVE_INT,
     "data.split_seed": _NON_NEGATIVE_INT,
     "data.split": (lambda v: isinstance(v, dict) and {"train", "validation"} <= set(v)
-                   and all(_is_number(x) and 0 <= x <= 1 for x in v.values())
+                   and all(is_number(x) and 0 <= x <= 1 for x in v.values())
                    and abs(sum(v.values()) - 1) < 1e-9, "fractions in [0, 1] for train, validation (and test), "
                                                         "summing to 1"),
     "eval.patients": _POSITIVE_INT,
@@ -82,10 +77,10 @@ _CONFIG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.ope.fairness": _BOOL,
     "eval.ope.fqe_iterations": _POSITIVE_INT,
     "eval.ope.fqe_updates": _POSITIVE_INT,
-    "eval.ope.fqe_refits": (lambda v: _is_int(v) and (v == 0 or v >= 2), "0 (no refits) or an integer of at least 2"),
+    "eval.ope.fqe_refits": (lambda v: is_int(v) and (v == 0 or v >= 2), "0 (no refits) or an integer of at least 2"),
     "explain.enabled": _BOOL,
     "explain.background_size": _POSITIVE_INT,
-    "explain.members": (lambda v: _is_int(v) and v >= 2, "an integer of at least 2 (an interval needs a spread)"),
+    "explain.members": (lambda v: is_int(v) and v >= 2, "an integer of at least 2 (an interval needs a spread)"),
     "explain.horizon_weeks": _POSITIVE_INT,
     "explain.updates_per_iteration": _POSITIVE_INT,
     "explain.level": _LEVEL,
@@ -98,9 +93,9 @@ def _fits(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return _is_int(value)
+        return is_int(value)
     if hint is float:
-        return _is_number(value)
+        return is_number(value)
     if hint is str:
         return isinstance(value, str)
     if origin is typing.Literal:

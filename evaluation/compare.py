@@ -41,6 +41,7 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
+from carepath.jsontypes import is_int
 from evaluation.fairness import MIN_GROUP_EPISODES, Fairness, episode_groups, fairness_report, fqe_estimate
 from evaluation.ope.estimators import ESTIMATORS, Estimate, estimate_all
 from evaluation.ope.weights import target_probabilities
@@ -311,7 +312,7 @@ def compare_policies(
         raise ValueError(f"n_boot must be at least 2, got {n_boot}")
     if truth_patients < 0:
         raise ValueError(f"truth_patients must be 0 (no truth) or positive, got {truth_patients}")
-    if isinstance(fqe_refits, bool) or not isinstance(fqe_refits, int) or fqe_refits < 0 or fqe_refits == 1:
+    if not is_int(fqe_refits) or fqe_refits < 0 or fqe_refits == 1:
         raise ValueError(f"fqe_refits must be 0 (no refits) or an integer of at least 2, got {fqe_refits!r}")
     labelled = _unique_labels(policies)
     episodes = dataset.episodes() if isinstance(dataset, LoggedDataset) else dataset

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ from numpy.typing import NDArray
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from carepath.jsontypes import is_int, is_number
 from envs.spec import ACTION_NAMES, FEATURE_NAMES, SPEC_VERSION
 from policies.base import BoolArray, FloatArray, check_inputs, mix_epsilon
 from policies.networks import NetworkSpec, PolicyNetwork
@@ -118,7 +118,7 @@ class BundleManifest:
             raise BundleError(f"{where}: expected a JSON object, got {type(d).__name__}")
         if d.get("format") != BUNDLE_FORMAT:
             raise BundleError(f"{where}: field 'format' must be {BUNDLE_FORMAT!r}, got {_short(d.get('format'))}")
-        if not _is_int(d.get("format_version")) or d["format_version"] != BUNDLE_VERSION:
+        if not is_int(d.get("format_version")) or d["format_version"] != BUNDLE_VERSION:
             raise BundleError(f"{where}: unsupported format_version {_short(d.get('format_version'))} "
                               f"(this carepath reads {BUNDLE_VERSION})")
         for key, kind in (("algorithm", str), ("name", str), ("network", dict), ("feature_names", list),
@@ -129,7 +129,7 @@ class BundleManifest:
                           ("explain", dict), ("files", dict), ("code_version", str), ("created", str)):
             if key in d and not isinstance(d[key], kind):
                 raise BundleError(f"{where}: field {key!r} must be a {kind.__name__}, got {_short(d[key])}")
-        if "spec_version" in d and not _is_int(d["spec_version"]):
+        if "spec_version" in d and not is_int(d["spec_version"]):
             raise BundleError(f"{where}: field 'spec_version' must be an integer, got {_short(d['spec_version'])}")
         if not SHA256_HEX.fullmatch(d["weights_sha256"]):
             raise BundleError(f"{where}: field 'weights_sha256' must be a sha256 hex digest, "
@@ -158,13 +158,6 @@ class BundleManifest:
         )
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    """A finite JSON number (not a bool, not NaN or infinite)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -181,10 +174,10 @@ def _check_network_fields(net: dict[str, Any], where: Path) -> None:
     """Types of ``network``: JSON offers floats, bools and strings where sizes belong; refuse
     them here rather than let them be coerced (16.7 -> 16) or fail later inside torch."""
     for key in ("n_in", "n_out", "ensemble"):
-        if key in net and not _is_int(net[key]):
+        if key in net and not is_int(net[key]):
             raise BundleError(f"{where}: field 'network.{key}' must be an integer, got {_short(net[key])}")
     hidden = net.get("hidden", [])
-    if not isinstance(hidden, list) or not all(_is_int(h) for h in hidden):
+    if not isinstance(hidden, list) or not all(is_int(h) for h in hidden):
         raise BundleError(f"{where}: field 'network.hidden' must be a list of integers, got {_short(hidden)}")
     for key in ("activation", "output"):
         if key in net and not isinstance(net[key], str):
@@ -195,10 +188,10 @@ def _check_network_fields(net: dict[str, Any], where: Path) -> None:
     unknown = sorted(set(extra) - {"clip_obs", "threshold"})
     if unknown:
         raise BundleError(f"{where}: field 'network.extra' has unknown key(s) {_short(unknown)}")
-    if "clip_obs" in extra and not (_is_number(extra["clip_obs"]) and extra["clip_obs"] > 0):
+    if "clip_obs" in extra and not (is_number(extra["clip_obs"]) and extra["clip_obs"] > 0):
         raise BundleError(f"{where}: field 'network.extra.clip_obs' must be a positive number, "
                           f"got {_short(extra['clip_obs'])}")
-    if "threshold" in extra and not _is_number(extra["threshold"]):
+    if "threshold" in extra and not is_number(extra["threshold"]):
         raise BundleError(f"{where}: field 'network.extra.threshold' must be a number, "
                           f"got {_short(extra['threshold'])}")
 
@@ -207,7 +200,7 @@ def _check_selection_fields(selection: dict[str, Any], where: Path) -> None:
     if "kind" in selection and not isinstance(selection["kind"], str):
         raise BundleError(f"{where}: field 'selection.kind' must be a string, got {_short(selection['kind'])}")
     for key in ("temperature", "epsilon"):
-        if key in selection and not _is_number(selection[key]):
+        if key in selection and not is_number(selection[key]):
             raise BundleError(f"{where}: field 'selection.{key}' must be a finite number, "
                               f"got {_short(selection[key])}")
 

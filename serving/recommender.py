@@ -11,7 +11,6 @@ time, after ranking, because it is the one promise serving must keep.
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from carepath.jsontypes import is_int, is_number
 from envs.rules import RULES, action_mask, blocking_rules
 from envs.spec import (
     ACTION_CARE_CLASS,
@@ -142,8 +142,7 @@ class Recommender:
 
 def _in_bounds(feature: str, value: Any) -> bool:
     low, high = FEATURE_BOUNDS[feature]
-    return (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            and low <= value <= high)
+    return is_number(value) and low <= value <= high
 
 
 #: The fields ``carepath prepare`` writes under ``explain``: serving refuses any other.
@@ -171,9 +170,9 @@ def check_serving_section(explain: Mapping[str, Any], where: Any) -> None:
         raise BundleError(f"{where}: field 'explain.benefit' must be an object")
     _refuse_unknown_keys(benefit, BENEFIT_ENTRY_KEYS, "explain.benefit", where)
     checks = {"file": lambda v: isinstance(v, str), "network": lambda v: isinstance(v, dict),
-              "members": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 2,
-              "level": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1,
-              "horizon_weeks": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1}
+              "members": lambda v: is_int(v) and v >= 2,
+              "level": lambda v: is_number(v) and 0 < v < 1,
+              "horizon_weeks": lambda v: is_int(v) and v >= 1}
     for key, ok in checks.items():
         if key not in benefit or not ok(benefit[key]):
             got = repr(benefit.get(key))[:80]
