@@ -40,6 +40,7 @@ from tqdm import tqdm
 from evaluation.ground_truth import Interval, rollout
 from evaluation.ope import (
     estimate_all,
+    refit_interval,
     regret_at_k,
     spearman,
     target_probabilities,
@@ -59,7 +60,6 @@ def model_estimates(episodes: Any, policy: Any, seed: int, n_boot: int, level: f
     both doubly robust estimators; ``fqe`` has the interval that ignores the Q-model's error and, with
     ``fqe_refits``, ``fqe_refit`` the same value with the interval from that many refits."""
     from evaluation.compare import compare_policies
-    from evaluation.fairness import fqe_estimate
     from evaluation.ope.fqe import FQEConfig, refit_values
 
     options: dict[str, Any] = {"seed": seed, "device": "cpu"}
@@ -71,10 +71,9 @@ def model_estimates(episodes: Any, policy: Any, seed: int, n_boot: int, level: f
     found = {name: (est.value, est.low, est.high) for name, est in result.policy("candidate").estimates.items()}
     if fqe_refits:
         refits = refit_values(policy, episodes, config, fqe_refits, seed=seed, progress=False)
-        fqe = result.policy("candidate").fqe
-        assert fqe is not None
-        est = fqe_estimate(np.array([fqe["value"]]), level=level, refits=refits)
-        found["fqe_refit"] = (est.value, est.low, est.high)
+        value = found["fqe"][0]  # the full-data fit's value; only the interval differs
+        interval = refit_interval(value, refits, level)
+        found["fqe_refit"] = (value, interval.low, interval.high)
     return found
 
 
