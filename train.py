@@ -175,6 +175,30 @@ def env_settings(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     return EnvSettings(**kwargs), params
 
 
+def simulator_provenance(cfg: DictConfig, log_path: Path | None = None) -> dict[str, Any]:
+    """Which simulator the run learnt from: spec version and parameter fingerprint, of the
+    run's environment or, for an offline run, as the log recorded them (None when the log
+    came from elsewhere, e.g. imported care data)."""
+    from envs.params import load_params
+    from envs.spec import SPEC_VERSION
+
+    if log_path is not None:
+        from offline_data.io import read_metadata
+        from offline_data.schema import META_SIM_PARAMS, META_SPEC_VERSION
+
+        metadata = read_metadata(log_path)
+        sim = metadata.get(META_SIM_PARAMS)
+        fingerprint = sim.get("fingerprint") if isinstance(sim, dict) else None
+        return {"spec_version": metadata.get(META_SPEC_VERSION), "fingerprint": fingerprint}
+
+    _, params = env_settings(cfg)
+    path = params.get("params_path")
+    overrides = params.get("param_overrides") or None
+    return {"spec_version": SPEC_VERSION,
+            "fingerprint": load_params(hydra.utils.to_absolute_path(str(path)) if path else None,
+                                       overrides).fingerprint()}
+
+
 def logged_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     """The logged dataset: an existing file, or generated once and cached by content."""
     from offline_data.dataset import load_dataset
@@ -185,7 +209,9 @@ def logged_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
         path = Path(hydra.utils.to_absolute_path(str(data.path)))
     else:
         settings, params = env_settings(cfg)
-        key = json.dumps({"data": _plain(data), "env": _plain(cfg.env.kwargs)}, sort_keys=True, default=str)
+        # the simulator's identity is part of the key: a changed model makes new data
+        key = json.dumps({"data": _plain(data), "env": _plain(cfg.env.kwargs),
+                          "simulator": simulator_provenance(cfg)}, sort_keys=True, default=str)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         path = Path(hydra.utils.to_absolute_path(str(data.cache_dir))) / f"{data.policy}_{digest}.parquet"
         if not path.exists():
@@ -290,6 +316,11 @@ def evaluate(cfg: DictConfig, policy: Any, writer: Any) -> dict[str, Any]:
         writer.add_scalar(f"eval/{metric}_lo", interval["low"], 0)
         writer.add_scalar(f"eval/{metric}_hi", interval["high"], 0)
     writer.add_scalar("eval/behaviour_remission", results["behaviour"]["remission"]["value"], 0)
+    writer.add_scalar("eval/cost", truth["cost"]["value"], 0)
+    for label, tag in (("policy", "eval/cost_per_remission"), ("behaviour", "eval/behaviour_cost_per_remission")):
+        if results[label]["cost_per_remission"] is not None:  # None: no one remitted
+            writer.add_scalar(tag, results[label]["cost_per_remission"], 0)
+    writer.add_scalar("eval/side_effects", truth["side_effects"]["value"], 0)
     writer.add_scalar("safety/blocked_actions_chosen", truth["blocked_actions_chosen"], 0)
     writer.add_scalar("safety/referral_when_item9_high", truth["referrals_when_item9_high"], 0)
     return results
@@ -330,6 +361,8 @@ def main(cfg: DictConfig) -> float:
             data, validation = train_offline(cfg, agent, run_dir, writer)
         else:
             data = train_online(cfg, agent, writer)
+        log_path = Path(data["path"]) if agent_entry.kind == "offline" else None
+        data = {**data, "simulator": simulator_provenance(cfg, log_path)}
         bundle_dir = run_dir / "policy"
         resolved = _plain(cfg)
         agent.export(bundle_dir, name=f"{cfg.name}-seed{cfg.seed}", config=resolved, data=data, overwrite=True)

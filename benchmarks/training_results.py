@@ -33,6 +33,9 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
                 "remission": policy["remission"], "behaviour_remission": behaviour["remission"],
                 "behaviour": behaviour["policy"], "value": policy["value"]["value"],
                 "dropout": policy["dropout"]["value"], "blocked_actions_chosen": policy["blocked_actions_chosen"],
+                # GBP per patient in remission at the horizon (None: no one remitted; absent before spec 2)
+                "cost_per_remission": policy.get("cost_per_remission"),
+                "behaviour_cost_per_remission": behaviour.get("cost_per_remission"),
                 "relative_gain": policy["remission"]["value"] / behaviour["remission"]["value"] - 1.0,
                 # the behaviour policy's true rate inside this policy's 95 % interval
                 "behaviour_inside_interval": policy["remission"]["low"] <= behaviour["remission"]["value"]
@@ -41,6 +44,11 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
     if not runs:
         raise SystemExit(f"training_results: no metrics.json under {', '.join(map(str, folders))}")
     return runs
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -55,8 +63,14 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "relative_gain_mean": sum(r["relative_gain"] for r in mine) / len(mine),
             "behaviour_inside_every_interval": all(r["behaviour_inside_interval"] for r in mine),
             "blocked_actions_chosen": sum(r["blocked_actions_chosen"] for r in mine),
+            "cost_per_remission_mean": _mean([r["cost_per_remission"] for r in mine]),
+            "behaviour_cost_per_remission": mine[0]["behaviour_cost_per_remission"],
         }
     return agents
+
+
+def _gbp(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f} GBP"
 
 
 def main() -> None:
@@ -76,7 +90,8 @@ def main() -> None:
         print(f"{name:14s} seeds {s['seeds']}: mean remission {100 * s['remission_mean']:.1f} % vs "
               f"{100 * s['behaviour_remission']:.1f} %, relative gain min {100 * s['relative_gain_min']:+.0f} % "
               f"mean {100 * s['relative_gain_mean']:+.0f} %, behaviour inside every interval: "
-              f"{s['behaviour_inside_every_interval']}, blocked actions {s['blocked_actions_chosen']}")
+              f"{s['behaviour_inside_every_interval']}, blocked actions {s['blocked_actions_chosen']}, "
+              f"cost per remission {_gbp(s['cost_per_remission_mean'])} vs {_gbp(s['behaviour_cost_per_remission'])}")
     from evaluation.cli import write_json_atomic  # atomic: never a half-written result
 
     write_json_atomic(args.out, {"runs": runs, "agents": agents})

@@ -51,12 +51,15 @@ def run_cohort(
     settings: EnvSettings | None = None,
     record: Sequence[D.S] = (D.S.SEV, D.S.LEVEL, D.S.W_STEP, D.S.DROPPED),
     eligible: Callable[[NDArray[np.float64]], NDArray[np.bool_]] | None = None,
+    setup: Callable[[NDArray[np.float64]], None] | None = None,
 ) -> CohortRun:
     """Roll ``n`` patients for ``weeks`` weeks under ``act``.
 
     ``eligible`` (state at intake -> bool per patient) keeps only the patients
     a trial would enrol; the rest are dropped before the first week, so the
-    same seed gives the same enrolled patients in every arm.
+    same seed gives the same enrolled patients in every arm. ``setup`` then
+    changes the enrolled patients' state in place (e.g. a trial's prompt
+    access to therapy).
     """
     params = params if params is not None else load_params()
     settings = settings if settings is not None else EnvSettings(horizon=max(weeks, 1))
@@ -65,6 +68,26 @@ def run_cohort(
     state = D.initial_state(n, params, settings, rng, k)
     if eligible is not None:
         state = state[eligible(state)]
+    if setup is not None:
+        setup(state)
+    return run_from(state, act, weeks, rng=rng, params=params, settings=settings, record=record, kparams=k)
+
+
+def run_from(
+    state: NDArray[np.float64],
+    act: ActionFn,
+    weeks: int,
+    *,
+    rng: np.random.Generator,
+    params: SimParams,
+    settings: EnvSettings,
+    record: Sequence[D.S] = (D.S.SEV, D.S.LEVEL, D.S.W_STEP, D.S.DROPPED),
+    kparams: NDArray[np.float64] | None = None,
+) -> CohortRun:
+    """Roll patients on from a given ``state`` (e.g. those a trial enrols
+    after a run-in): arms that start from the same state with the same seed
+    share their noise (common random numbers)."""
+    k = kparams if kparams is not None else D.kernel_params(params, settings)
     n = len(state)
     record = tuple(record)
     cols = np.array([int(c) for c in record])
@@ -73,7 +96,7 @@ def run_cohort(
     rewards = np.zeros((weeks, n), dtype=np.float32)
     active = np.zeros((weeks + 1, n), dtype=bool)
     columns[0] = state[:, cols]
-    active[0] = True
+    active[0] = state[:, D.S.DROPPED] == 0
     obs, mask = D.observe_and_mask(state)
     for t in range(weeks):
         a = np.asarray(act(obs, mask, t), dtype=np.int64)

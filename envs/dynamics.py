@@ -51,6 +51,9 @@ Noise = NDArray[np.float32]
 
 N_CLASSES = len(DRUG_CLASSES)
 
+#: The reward's cost weight is per this many GBP (reward_weights["cost"]).
+COST_UNIT = 100.0
+
 
 class S(IntEnum):
     """Columns of the state array."""
@@ -124,7 +127,17 @@ class S(IntEnum):
     Z_PSY = 81
     Z_DIG = 82
     TRIED = 83  # 83..86: drugs tried per class
-    N_STATE = 87
+    # long-term course and the cost of doing more (spec version 2)
+    O_WELL = 87  # observed weeks in sustained remission (feature weeks_well)
+    WELL = 88  # responded or remitted in this episode and not relapsed since: at risk of relapse
+    WAIT_PSY = 89  # weeks this patient waits for psychotherapy to start once referred (drawn at intake)
+    WAIT_REF = 90  # weeks this patient waits for specialist care to start
+    W_OFF = 91  # weeks since the antidepressant was stopped (-1: never stopped)
+    LAST_CLASS = 92  # drug class before a taper (-1: none), restarted on a re-challenge
+    COST = 93  # cumulative cost of care so far (GBP, envs.params cost model)
+    RELAPSES = 94  # relapses so far
+    W_WELL = 95  # weeks since the patient became well (WELL)
+    N_STATE = 96
 
 
 N_STATE = int(S.N_STATE)
@@ -145,14 +158,16 @@ PSY, W_PSY, DIG, W_DIG, REF, W_REF = (int(S.PSY), int(S.W_PSY), int(S.DIG), int(
                                       int(S.W_REF))
 LEVEL, W_STEP, T, NS_RESP, O_PHQ0 = int(S.LEVEL), int(S.W_STEP), int(S.T), int(S.NS_RESP), int(S.O_PHQ0)
 Z_DRUG, Z_AUG, Z_PSY, Z_DIG, TRIED = int(S.Z_DRUG), int(S.Z_AUG), int(S.Z_PSY), int(S.Z_DIG), int(S.TRIED)
+O_WELL, WELL, WAIT_PSY, WAIT_REF, W_OFF = int(S.O_WELL), int(S.WELL), int(S.WAIT_PSY), int(S.WAIT_REF), int(S.W_OFF)
+LAST_CLASS, COST, RELAPSES, W_WELL = int(S.LAST_CLASS), int(S.COST), int(S.RELAPSES), int(S.W_WELL)
 DRUGS_PER_CLASS = 3
 O_PHQ, O_ITEM9, O_GAD, O_WSM, O_PHQ_H1 = (int(S.O_PHQ), int(S.O_ITEM9), int(S.O_GAD), int(S.O_WSM),
                                           int(S.O_PHQ_H1))
 O_SE, O_ADH, O_SLEEP, O_STEPS, M_PHQ = (int(S.O_SE), int(S.O_ADH), int(S.O_SLEEP), int(S.O_STEPS),
                                         int(S.M_PHQ))
 A_CONTINUE, A_RAISE, A_WITHIN, A_CLASS, A_AUGMENT = 0, 1, 2, 3, 4
-A_PSY, A_DIG_GUIDED, A_DIG_UNGUIDED, A_NUDGE, A_REFER = 5, 6, 7, 8, 9
-assert [int(a) for a in Action] == list(range(10))
+A_PSY, A_DIG_GUIDED, A_DIG_UNGUIDED, A_NUDGE, A_REFER, A_TAPER = 5, 6, 7, 8, 9, 10
+assert [int(a) for a in Action] == list(range(11))
 
 # Noise drawn every step (fixed shapes: common random numbers).
 # normals: 0 severity, 1 anxiety, 2-8 measurement (see _measure)
@@ -186,6 +201,7 @@ _FEATURE_SOURCE: dict[str, int] = {
     "sex": SEX,
     "prior_episodes": PRIOR,
     "digital_access": DIG_ACCESS,
+    "weeks_well": O_WELL,
     "sleep_hours": O_SLEEP,
     "daily_steps": O_STEPS,
 }
@@ -292,6 +308,26 @@ class KernelParams(NamedTuple):
     w_cost: float
     w_invalid: float
     costs: tuple[float, ...]
+    # long-term course (spec version 2)
+    relapse_per_fail: float
+    relapse_resid: float
+    resolution_rate: float
+    resolved_share: float
+    well_share: float
+    # the cost of doing more
+    disc_se: float
+    disc_tau: float
+    complexity_adh: float
+    drop_change: float
+    drop_burden: float
+    weekly_costs: tuple[float, ...]
+    psy_course: float
+    dig_course: float
+    relapse_unresolved: float
+    nondrug_resist: float
+    relapse_grace: float
+    adh_decline_well: float
+    psy_support: float
 
 # Offsets of each KernelParams field in the flat parameter array the kernel reads
 # (tuple fields take consecutive slots). Checked against KernelParams below.
@@ -380,7 +416,25 @@ K_W_DROPOUT = 92
 K_W_COST = 93
 K_W_INVALID = 94
 K_COSTS = 95
-N_KERNEL_PARAMS = 105
+K_RELAPSE_PER_FAIL = 106
+K_RELAPSE_RESID = 107
+K_RESOLUTION_RATE = 108
+K_RESOLVED_SHARE = 109
+K_WELL_SHARE = 110
+K_DISC_SE = 111
+K_DISC_TAU = 112
+K_COMPLEXITY_ADH = 113
+K_DROP_CHANGE = 114
+K_DROP_BURDEN = 115
+K_WEEKLY_COSTS = 116  # drug, augmentation, psychotherapy, guided digital, unguided digital, specialist
+K_PSY_COURSE = 122
+K_DIG_COURSE = 123
+K_RELAPSE_UNRESOLVED = 124
+K_NONDRUG_RESIST = 125
+K_RELAPSE_GRACE = 126
+K_ADH_DECLINE_WELL = 127
+K_PSY_SUPPORT = 128
+N_KERNEL_PARAMS = 129
 
 
 def _z(prob: float) -> float:
@@ -411,6 +465,7 @@ def _flatten(k: KernelParams) -> FloatArray:
 def _named_kernel_params(params: SimParams, settings: EnvSettings) -> KernelParams:
     r, c, t, e, d, m = (params.response, params.course, params.tolerability, params.engagement,
                         params.dropout, params.measurement)
+    costs = params.costs
     w = settings.reward_weights
     return KernelParams(
         r.resistant_effect_factor, _z(r.drug_responder_prob), r.within_class_correlation,
@@ -440,7 +495,16 @@ def _named_kernel_params(params: SimParams, settings: EnvSettings) -> KernelPara
         m.steps_mean, m.steps_severity_coef, m.steps_noise_sd,
         float(settings.observation_noise), float(settings.missingness), float(settings.wearables),
         w["improvement"], w["remission"], w["side_effects"], w["dropout"], w["cost"], w["invalid_action"],
-        tuple(settings.action_costs[name] for name in ACTION_NAMES),
+        tuple({**params.costs.action_costs(), **settings.action_costs}[name] for name in ACTION_NAMES),
+        c.relapse_per_failed_step, c.relapse_residual_coef, c.episode_resolution_rate, c.resolved_share,
+        c.well_response_share,
+        t.discontinuation_side_effects, t.discontinuation_tau, t.complexity_adherence_loss,
+        d.change_coef, d.burden_coef,
+        (costs.weekly_drug, costs.weekly_augmentation, costs.weekly_psychotherapy, costs.weekly_digital_guided,
+         costs.weekly_digital_unguided, costs.weekly_specialist),
+        costs.psychotherapy_course_weeks, costs.digital_course_weeks,
+        c.relapse_unresolved_coef, r.nondrug_resistance_weight, c.relapse_grace_weeks,
+        t.adherence_decline_when_well, e.psychotherapy_support_share,
     )
 
 
@@ -466,7 +530,7 @@ def _clip(x: float, lo: float, hi: float) -> float:
 def _row_hits(s: FloatArray, hits: BoolArray) -> None:
     """The clinical rules of envs.rules, read from what this patient's observation shows."""
     rule_hits_scalar(s[O_ITEM9], s[DOSE], s[W_DOSE], s[W_STEP], s[AUG], s[PSY], s[DIG], s[DIG_ACCESS],
-                     s[REF], hits)
+                     s[REF], s[O_WELL], hits)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -506,12 +570,16 @@ def _observe_kernel(
 
 
 @numba.njit(cache=True, error_model="numpy")
-def _drug_responder(s: FloatArray, k: FloatArray) -> float:
+def _drug_responder(s: FloatArray, k: FloatArray, again: bool = False) -> float:
     """Responder to a newly started drug: class latent + this drug's latent vs a
-    threshold that rises with every failed step (treatment resistance builds up)."""
+    threshold that rises with every failed step (treatment resistance builds up).
+    ``again``: the drug last tried in this class is restarted (its own latent)."""
     cls = int(s[DRUG_CLASS])
-    slot = int(s[TRIED + cls]) % DRUGS_PER_CLASS
-    s[TRIED + cls] += 1.0
+    if again:
+        slot = int(s[TRIED + cls] - 1.0) % DRUGS_PER_CLASS
+    else:
+        slot = int(s[TRIED + cls]) % DRUGS_PER_CLASS
+        s[TRIED + cls] += 1.0
     z = s[Z_DRUG + DRUGS_PER_CLASS * cls + slot]
     latent = math.sqrt(k[K_RHO_CLASS]) * s[U_CLASS + cls] + math.sqrt(1.0 - k[K_RHO_CLASS]) * z
     return 1.0 if latent > k[K_Z_DRUG] + k[K_PER_FAIL] * s[FAILS] else 0.0
@@ -520,6 +588,26 @@ def _drug_responder(s: FloatArray, k: FloatArray) -> float:
 @numba.njit(cache=True, error_model="numpy")
 def _apply_action(s: FloatArray, a: int, k: FloatArray) -> None:
     """Start, stop or change treatment as action ``a`` says (in place on a row copy)."""
+    if a == A_CLASS and s[DRUG_CLASS] < 0 and s[LAST_CLASS] >= 0:
+        # re-challenge after a taper: restart the class that worked; not a new step
+        s[DRUG_CLASS] = s[LAST_CLASS]
+        s[DOSE] = 1.0
+        s[W_DOSE] = 0.0
+        s[W_DRUG] = 0.0
+        s[R_DRUG] = _drug_responder(s, k, True)
+        return
+    if a == A_TAPER:
+        # taper and stop the antidepressant (and any augmenting agent)
+        s[LAST_CLASS] = s[DRUG_CLASS]
+        s[DRUG_CLASS] = -1.0
+        s[DOSE] = 0.0
+        s[W_DOSE] = 0.0
+        s[W_DRUG] = 0.0
+        s[R_DRUG] = 0.0
+        s[AUG] = 0.0
+        s[R_AUG] = 0.0
+        s[W_OFF] = 0.0
+        return
     if a == A_RAISE:
         s[DOSE] = min(s[DOSE] + 1.0, MAX_DOSE_LEVEL)
         s[W_DOSE] = 0.0
@@ -543,14 +631,16 @@ def _apply_action(s: FloatArray, a: int, k: FloatArray) -> None:
             s[R_AUG] = 1.0 if s[Z_AUG] > k[K_Z_AUG] + k[K_PER_FAIL] * s[FAILS] else 0.0
         else:
             s[PSY] = 1.0
-            s[W_PSY] = 0.0
-            # drug failures predict psychotherapy response only weakly
-            s[R_PSY] = 1.0 if s[Z_PSY] > k[K_Z_PSY] + 0.5 * k[K_PER_FAIL] * s[FAILS] else 0.0
+            s[W_PSY] = -s[WAIT_PSY]  # referred now, therapy starts after this patient's wait
+            # treatment resistance is general: failed drug steps lower the chance of
+            # responding to psychotherapy too (STAR*D level 2: cognitive therapy
+            # remitted no more often than medication, Thase 2007)
+            s[R_PSY] = 1.0 if s[Z_PSY] > k[K_Z_PSY] + k[K_NONDRUG_RESIST] * k[K_PER_FAIL] * s[FAILS] else 0.0
     elif a == A_DIG_GUIDED or a == A_DIG_UNGUIDED:
         s[DIG] = 1.0 if a == A_DIG_GUIDED else 2.0
         s[W_DIG] = 0.0
         s[DIG_ENG] = max(s[ENG], k[K_DIG_START])
-        s[R_DIG] = 1.0 if s[Z_DIG] > k[K_Z_DIG] + 0.5 * k[K_PER_FAIL] * s[FAILS] else 0.0
+        s[R_DIG] = 1.0 if s[Z_DIG] > k[K_Z_DIG] + k[K_NONDRUG_RESIST] * k[K_PER_FAIL] * s[FAILS] else 0.0
     elif a == A_NUDGE:
         s[ENG] += k[K_NUDGE] * (1.0 - s[ENG])
         if s[DIG] > 0:
@@ -558,7 +648,7 @@ def _apply_action(s: FloatArray, a: int, k: FloatArray) -> None:
     elif a == A_REFER:
         if s[REF] == 0:
             s[REF] = 1.0
-            s[W_REF] = 0.0
+            s[W_REF] = -s[WAIT_REF]  # specialist care starts after this patient's wait
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -580,12 +670,12 @@ def _treatment_factor(s: FloatArray, k: FloatArray) -> float:
             left *= 1.0 - size * adherence * _onset(s[W_AUG], k[K_TAU_AUG])
     if s[PSY] > 0:  # works through attendance
         size = k[K_PSY_RESP] if s[R_PSY] > 0 else k[K_PSY_PARTIAL]
-        left *= 1.0 - size * min(s[ENG] / 0.7, 1.0) * _onset(s[W_PSY], k[K_TAU_PSY])
+        left *= 1.0 - size * min(s[ENG] / 0.7, 1.0) * _onset(max(s[W_PSY], 0.0), k[K_TAU_PSY])
     if s[DIG] > 0:  # works through engagement with the programme
         size = k[K_DIG_RESP] if s[R_DIG] > 0 else k[K_DIG_PARTIAL]
         left *= 1.0 - size * s[DIG_ENG] * _onset(s[W_DIG], k[K_TAU_DIG])
     if s[REF] > 0:
-        left *= 1.0 - k[K_SPEC_EFFECT] * _onset(s[W_REF], k[K_TAU_SPEC])
+        left *= 1.0 - k[K_SPEC_EFFECT] * _onset(max(s[W_REF], 0.0), k[K_TAU_SPEC])
     size = k[K_NS_RESP] if s[NS_RESP] > 0 else k[K_NS_PARTIAL]
     nonspecific = size * (k[K_NS_CHRONIC] if s[CHRON] > 0 else 1.0) * _onset(s[T], k[K_TAU_NS])
     left *= 1.0 - nonspecific
@@ -621,15 +711,25 @@ def _measure(s: FloatArray, k: FloatArray, nrm: Noise, unf: Noise, intake: bool)
         phq = _clip(round(s[SEV] + noise * k[K_PHQ_SD] * nrm[2]), 0.0, 27.0)
         s[O_PHQ] = phq
         s[O_GAD] = _clip(round(s[ANX] + noise * k[K_GAD_SD] * nrm[3]), 0.0, 21.0)
-        latent = k[K_I9_BASE] + k[K_I9_SEV] * (s[SEV] - 14.0) + s[SUIC] - k[K_I9_SPEC] * s[REF] + nrm[4]
+        # specialist care lowers suicidality once it has started (not while waiting)
+        in_specialist = 1.0 if s[REF] > 0 and s[W_REF] > 0 else 0.0
+        latent = k[K_I9_BASE] + k[K_I9_SEV] * (s[SEV] - 14.0) + s[SUIC] - k[K_I9_SPEC] * in_specialist + nrm[4]
         item9 = 0.0
         for j in range(3):
             if latent > k[K_I9_THRESHOLDS + j]:
                 item9 += 1.0
         s[O_ITEM9] = min(item9, phq)  # item 9 is part of the total
         s[O_WSM] = 0.0
+        # sustained remission as a clinician reads it: counting from the first
+        # PHQ-9 below 5, ended only by a PHQ-9 of 10 or more (one noisy 6 does not)
+        if phq >= 10.0:
+            s[O_WELL] = 0.0
+        elif s[O_WELL] > 0 or phq < 5.0:
+            s[O_WELL] += 1.0
     else:
         s[O_WSM] += 1.0
+        if s[O_WELL] > 0:
+            s[O_WELL] += 1.0
     if se_reported:
         s[O_SE] = _clip(round(s[SIDE_EFF] + noise * nrm[5]), 0.0, 10.0)
     if adh_reported:
@@ -704,6 +804,10 @@ def _step_row(
     if blocked:
         a = A_CONTINUE
     prev_sev = s[SEV]
+    # a change of antidepressant brings new instructions, early side effects and
+    # doubt: the week's dropout hazard rises (STAR*D level 2 lost more patients
+    # on a switch, 27 %, than on an augmentation, 20 %: Warden 2009)
+    med_change = a == A_WITHIN or a == A_CLASS or a == A_TAPER
     _apply_action(s, a, k)
 
     # time passes
@@ -717,30 +821,82 @@ def _step_row(
     s[W_PSY] += s[PSY]
     s[W_DIG] += 1.0 if s[DIG] > 0 else 0.0
     s[W_REF] += s[REF]
+    if s[W_OFF] >= 0:
+        s[W_OFF] += 1.0
+    psy_active = s[PSY] > 0 and s[W_PSY] > 0  # past the wait
+    ref_active = s[REF] > 0 and s[W_REF] > 0
 
-    # natural course: spontaneous remission (not in chronic episodes), relapse after remission
+    # natural course: spontaneous remission (not in chronic episodes)
     if s[CHRON] == 0 and unf[0] < k[K_SR_HAZARD]:
         s[NAT] = min(s[NAT], k[K_SR_FACTOR] * s[SEV0])
-    treated = on_drug or s[PSY] > 0
-    hazard = (k[K_RELAPSE_TREATED] if treated else k[K_RELAPSE]) * (1.0 + k[K_RELAPSE_PER_PRIOR] * s[PRIOR])
-    if s[IN_REM] > 0 and unf[1] < hazard:
-        s[NAT] = s[SEV0]
-        s[R_DRUG] = 0.0  # loss of response to the current drug
-        s[IN_REM] = 0.0
+    # Long-term course. While a patient stays well the episode runs its course
+    # (the untreated target falls), which is why guidelines continue treatment
+    # for months after remission before a taper. The weekly relapse hazard is
+    # lower while treatment continues (Geddes 2003), higher after more prior
+    # episodes, more failed steps (STAR*D follow-up, Rush 2006) and more
+    # residual symptoms (Judd 1998; Rush 2006: responders without remission).
+    # Protection by continued treatment works through taking it: a drug protects
+    # in proportion to adherence (Geddes 2003's trials enrolled adherent
+    # patients); a course of CBT keeps protecting (Cuijpers 2013)
+    protection = 1.0 if psy_active else (min(s[ADH] / k[K_ADH_FULL], 1.0) if on_drug else 0.0)
+    if s[WELL] > 0:
+        s[W_WELL] += 1.0
+        # once well, many patients take fewer doses (Olfson 2006: 42 % stop within
+        # a month; Sansone 2012: about half adherent at 6 months)
+        s[ADH_PROP] -= k[K_ADH_DECLINE_WELL] * s[ADH_PROP]
+    if s[WELL] > 0 and s[W_WELL] > k[K_RELAPSE_GRACE]:
+        floor = k[K_RESOLVED_SHARE] * s[SEV0]
+        # the episode resolves only in remission: residual symptoms mean an
+        # incomplete recovery (Judd 1998; Paykel 1995)
+        if s[NAT] > floor and s[IN_REM] > 0:
+            s[NAT] += k[K_RESOLUTION_RATE] * (floor - s[NAT])
+        # the unresolved share of the episode: relapse (the same episode
+        # returning) is likeliest in the first months after remission (Frank 1991)
+        unresolved = max(s[NAT] - floor, 0.0) / max(s[SEV0] - floor, 1e-6)
+        base = k[K_RELAPSE] - (k[K_RELAPSE] - k[K_RELAPSE_TREATED]) * protection
+        hazard = (base * (1.0 + k[K_RELAPSE_PER_PRIOR] * s[PRIOR])
+                  * math.exp(k[K_RELAPSE_PER_FAIL] * s[FAILS] + k[K_RELAPSE_RESID] * s[SEV]
+                             + k[K_RELAPSE_UNRESOLVED] * unresolved))
+        if unf[1] < hazard:
+            # a new episode: the untreated course returns, and so does the need
+            # for a treatment that works (loss of the drug and placebo response)
+            s[NAT] = s[SEV0]
+            s[R_DRUG] = 0.0
+            s[R_AUG] = 0.0
+            s[NS_RESP] = 0.0
+            s[WELL] = 0.0
+            s[IN_REM] = 0.0
+            s[RELAPSES] += 1.0
 
-    # tolerability and adherence
+    # tolerability and adherence: side effects add across concurrent drugs, and
+    # stopping a drug brings transient discontinuation symptoms
     side = 0.0
     if on_drug:
         fade = k[K_SE_PERSIST] + (1.0 - k[K_SE_PERSIST]) * math.exp(-s[W_DOSE] / k[K_SE_TAU])
-        side = k[K_CLASS_SE + int(s[DRUG_CLASS])] * s[DOSE] / MAX_DOSE_LEVEL * fade + k[K_AUG_SE] * s[AUG]
+        # early side effects of an augmenting drug fade as a new drug's do
+        fade_aug = k[K_SE_PERSIST] + (1.0 - k[K_SE_PERSIST]) * math.exp(-s[W_AUG] / k[K_SE_TAU])
+        side = (k[K_CLASS_SE + int(s[DRUG_CLASS])] * s[DOSE] / MAX_DOSE_LEVEL * fade
+                + k[K_AUG_SE] * s[AUG] * fade_aug)
+    elif s[W_OFF] >= 0:
+        side = k[K_DISC_SE] * math.exp(-s[W_OFF] / k[K_DISC_TAU])
     s[SIDE_EFF] = _clip(side * s[SE_SENS], 0.0, 10.0)
-    s[ADH] = _clip(s[ADH_PROP] - k[K_ADH_LOSS] * s[SIDE_EFF], 0.0, 1.0)
+    # regimen complexity: every concurrent treatment beyond the first lowers adherence
+    # (what the patient does now: waiting lists and finished courses are no burden)
+    in_psy_course = psy_active and s[W_PSY] <= k[K_PSY_COURSE]
+    in_dig_course = s[DIG] > 0 and s[W_DIG] <= k[K_DIG_COURSE]
+    components = ((1.0 if on_drug else 0.0) + s[AUG] + (1.0 if in_psy_course else 0.0)
+                  + (1.0 if in_dig_course else 0.0) + (1.0 if ref_active else 0.0))
+    burden = max(components - 1.0, 0.0)
+    s[ADH] = _clip(s[ADH_PROP] - k[K_ADH_LOSS] * s[SIDE_EFF] - k[K_COMPLEXITY_ADH] * burden, 0.0, 1.0)
 
     # engagement, digital habituation and programme dropout
     not_improving = s[T] > 4 and s[SEV] > 0.8 * s[SEV0]
-    # human contact (psychotherapy, guided digital CBT, specialist care) supports engagement
-    human = s[PSY] > 0 or s[DIG] == 1 or s[REF] > 0
-    eng_target = min(s[ENG_BASE] + (k[K_SUPPORT] if human else 0.0), 1.0)
+    # human contact (guided digital CBT, specialist care) supports engagement;
+    # psychotherapy a share of that (much of its contact shows in its own
+    # effect, which works through attendance; STAR*D level 2 found cognitive
+    # therapy no better than medication strategies, Thase 2007)
+    human = 1.0 if (s[DIG] == 1 or ref_active) else (k[K_PSY_SUPPORT] if psy_active else 0.0)
+    eng_target = min(s[ENG_BASE] + k[K_SUPPORT] * human, 1.0)
     s[ENG] = _clip(s[ENG] + k[K_ENG_REVERT] * (eng_target - s[ENG]) - k[K_ENG_LOSS] * not_improving, 0.0, 1.0)
     if s[DIG] > 0:
         guided = s[DIG] == 1
@@ -758,21 +914,46 @@ def _step_row(
     anx_target = s[ANX0] * factor * s[NAT] / max(s[SEV0], 1.0)
     s[ANX] = _clip(s[ANX] + k[K_RATE] * (anx_target - s[ANX]) + k[K_ANX_PROC_SD] * nrm[1], 0.0, 21.0)
     s[IN_REM] = 1.0 if s[SEV] < k[K_REMISSION] else 0.0
+    if s[WELL] == 0 and (s[IN_REM] > 0 or s[SEV] <= k[K_WELL_SHARE] * s[SEV0]):
+        s[WELL] = 1.0  # remitted or responded: at risk of relapse once it has lasted
+        s[W_WELL] = 0.0
+    elif s[WELL] > 0 and s[SEV] > (k[K_WELL_SHARE] + 0.25) * s[SEV0]:
+        # the response is clearly lost without a relapse event (an unstable
+        # response, a drug stopped): no longer "well", so no relapse to come
+        s[WELL] = 0.0
+        s[W_WELL] = 0.0
 
-    # leaving care
+    # leaving care: side effects, no improvement, disengagement, failed steps,
+    # treatment burden and this week's change of medication
     logit = (k[K_DROP_BASE] + s[DROP_PROP] + k[K_DROP_SE] * s[SIDE_EFF] + k[K_DROP_NOIMP] * not_improving
-             + k[K_DROP_DISENG] * (1.0 - s[ENG]) + k[K_DROP_FAILS] * s[FAILS])
+             + k[K_DROP_DISENG] * (1.0 - s[ENG]) + k[K_DROP_FAILS] * s[FAILS] + k[K_DROP_BURDEN] * burden
+             + (k[K_DROP_CHANGE] if med_change else 0.0))
     dropped = unf[3] < _sigmoid(logit)
     s[DROPPED] = 1.0 if dropped else 0.0
 
     _measure(s, k, nrm[_MEASURE_NORMAL:], unf[_MEASURE_UNIFORM:], False)
+
+    # cost of care this week (GBP): the action's one-off cost plus every active
+    # treatment's weekly cost (courses of therapy end after their sessions)
+    cost = k[K_COSTS + a]
+    if on_drug:
+        cost += k[K_WEEKLY_COSTS]
+    if s[AUG] > 0:
+        cost += k[K_WEEKLY_COSTS + 1]
+    if in_psy_course:
+        cost += k[K_WEEKLY_COSTS + 2]
+    if in_dig_course:
+        cost += k[K_WEEKLY_COSTS + (3 if s[DIG] == 1 else 4)]
+    if ref_active:
+        cost += k[K_WEEKLY_COSTS + 5]
+    s[COST] += cost
 
     reward = (
         k[K_W_IMPROVE] * (prev_sev - s[SEV])
         + k[K_W_REMISSION] * s[IN_REM]
         - k[K_W_SIDE] * s[SIDE_EFF]
         - k[K_W_DROPOUT] * dropped
-        - k[K_W_COST] * k[K_COSTS + a]
+        - k[K_W_COST] * cost / COST_UNIT
         - k[K_W_INVALID] * blocked
     )
     return blocked, reward
@@ -845,7 +1026,14 @@ def initial_state(
     s[:, SUIC] = het * 0.8 * rng.standard_normal(n)
 
     s[:, DRUG_CLASS] = -1.0
+    s[:, LAST_CLASS] = -1.0
+    s[:, W_OFF] = -1.0
     s[:, LEVEL] = 1.0
+    # Waiting weeks once referred, one draw per patient (so arms of a trial and
+    # patients of a batch stay independent): geometric, with the service's mean
+    svc = params.services
+    s[:, WAIT_PSY] = rng.geometric(1.0 / (svc.psychotherapy_wait_mean_weeks + 1.0), n) - 1.0
+    s[:, WAIT_REF] = rng.geometric(1.0 / (svc.specialist_wait_mean_weeks + 1.0), n) - 1.0
     s[:, Z_DRUG : Z_DIG + 1] = rng.standard_normal((n, Z_DIG + 1 - Z_DRUG))
     if settings.initial_treatment == "ssri":
         s[:, DRUG_CLASS] = 0.0

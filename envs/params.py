@@ -9,6 +9,8 @@ stress settings (observation noise, missingness, between-patient variation).
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,7 @@ class Response:
     nonspecific_effect_partial: float
     nonspecific_chronic_factor: float
     onset_tau_nonspecific: float
+    nondrug_resistance_weight: float
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,13 @@ class Course:
     relapse_hazard_on_treatment: float
     relapse_hazard_per_prior_episode: float
     remission_threshold: float
+    relapse_per_failed_step: float
+    relapse_residual_coef: float
+    episode_resolution_rate: float
+    resolved_share: float
+    well_response_share: float
+    relapse_unresolved_coef: float
+    relapse_grace_weeks: float
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,10 @@ class Tolerability:
     side_effect_persistent_share: float
     adherence_loss_per_side_effect: float
     adherence_full_effect: float
+    discontinuation_side_effects: float
+    discontinuation_tau: float
+    complexity_adherence_loss: float
+    adherence_decline_when_well: float
 
 
 @dataclass(frozen=True)
@@ -105,6 +119,7 @@ class Engagement:
     digital_dropout_base_unguided: float
     digital_dropout_base_guided: float
     human_support: float
+    psychotherapy_support_share: float
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,8 @@ class Dropout:
     no_improvement_coef: float
     disengagement_coef: float
     failed_step_coef: float
+    change_coef: float
+    burden_coef: float
 
 
 @dataclass(frozen=True)
@@ -139,6 +156,49 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class Services:
+    psychotherapy_wait_mean_weeks: float
+    specialist_wait_mean_weeks: float
+
+
+@dataclass(frozen=True)
+class Costs:
+    """The cost model (GBP): one-off costs of the visit or referral an action
+    starts, and weekly costs of each active treatment."""
+
+    review_visit: float
+    psychotherapy_assessment: float
+    digital_setup_guided: float
+    digital_setup_unguided: float
+    nudge: float
+    specialist_first_appointment: float
+    weekly_drug: float
+    weekly_augmentation: float
+    weekly_psychotherapy: float
+    weekly_digital_guided: float
+    weekly_digital_unguided: float
+    weekly_specialist: float
+    psychotherapy_course_weeks: float
+    digital_course_weeks: float
+
+    def action_costs(self) -> dict[str, float]:
+        """One-off cost of each action (GBP); ``EnvSettings.action_costs`` overrides some."""
+        return {
+            "continue": 0.0,  # the weekly measurement contact is part of every arm
+            "raise_dose": self.review_visit,
+            "switch_within_class": self.review_visit,
+            "switch_class": self.review_visit,
+            "augment": self.review_visit,
+            "add_psychotherapy": self.psychotherapy_assessment,
+            "add_digital_guided": self.digital_setup_guided,
+            "add_digital_unguided": self.digital_setup_unguided,
+            "engagement_nudge": self.nudge,
+            "refer_specialist": self.specialist_first_appointment,
+            "taper_antidepressant": self.review_visit,
+        }
+
+
+@dataclass(frozen=True)
 class SimParams:
     """The calibrated patient-response model. Load with :func:`load_params`."""
 
@@ -149,6 +209,8 @@ class SimParams:
     engagement: Engagement
     dropout: Dropout
     measurement: Measurement
+    services: Services
+    costs: Costs
 
     def replace(self, overrides: Mapping[str, Any]) -> SimParams:
         """A copy with dotted overrides, e.g. ``{"response.drug_responder_prob": 0.5}``."""
@@ -168,6 +230,14 @@ class SimParams:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def fingerprint(self) -> str:
+        """sha256 of the parameter values (not of the file: comments and layout do
+        not count), recorded in logs and bundles to tell which simulator made them."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
 
 RewardWeights = dict[str, float]
 
@@ -179,24 +249,8 @@ def default_reward_weights() -> RewardWeights:
         "remission": 0.5,  # per week with true PHQ-9 below the remission threshold
         "side_effects": 0.03,  # per point of side-effect burden (0-10) per week
         "dropout": 3.0,  # once, when the patient leaves care
-        "cost": 1.0,  # scales the per-action costs below
+        "cost": 0.05,  # per 100 GBP of care (envs.params.Costs: one-off action costs + weekly treatment costs)
         "invalid_action": 0.5,  # per clinically disallowed action (invalid_action="penalize")
-    }
-
-
-def default_action_costs() -> dict[str, float]:
-    """One-off cost of each action (relative units; specialist care is dearest)."""
-    return {
-        "continue": 0.0,
-        "raise_dose": 0.02,
-        "switch_within_class": 0.05,
-        "switch_class": 0.05,
-        "augment": 0.08,
-        "add_psychotherapy": 0.4,
-        "add_digital_guided": 0.15,
-        "add_digital_unguided": 0.03,
-        "engagement_nudge": 0.02,
-        "refer_specialist": 0.8,
     }
 
 
@@ -218,7 +272,8 @@ class EnvSettings:
     invalid_action: Literal["raise", "penalize"] = "penalize"
     initial_treatment: Literal["ssri", "none"] = "ssri"
     reward_weights: RewardWeights = field(default_factory=default_reward_weights)
-    action_costs: dict[str, float] = field(default_factory=default_action_costs)
+    #: one-off action costs (GBP) that override the parameter file's cost model
+    action_costs: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.horizon, int) or self.horizon < 1:
@@ -244,17 +299,54 @@ class EnvSettings:
             raise ValueError(
                 f"unknown reward weight(s) {sorted(unknown)}; expected {sorted(default_reward_weights())}"
             )
-        unknown = set(self.action_costs) - set(default_action_costs())
+        from envs.spec import ACTION_NAMES
+
+        unknown = set(self.action_costs) - set(ACTION_NAMES)
         if unknown:
-            raise ValueError(
-                f"unknown action cost(s) {sorted(unknown)}; expected {sorted(default_action_costs())}"
-            )
+            raise ValueError(f"unknown action cost(s) {sorted(unknown)}; expected some of {sorted(ACTION_NAMES)}")
+        for name, value in self.action_costs.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < math.inf:
+                raise ValueError(f"action cost {name!r} must be a number of GBP >= 0, got {value!r}")
         # Partial dicts from a config merge over the defaults.
         object.__setattr__(self, "reward_weights", {**default_reward_weights(), **self.reward_weights})
-        object.__setattr__(self, "action_costs", {**default_action_costs(), **self.action_costs})
+        object.__setattr__(self, "action_costs", dict(self.action_costs))
 
 
 T = TypeVar("T")
+
+#: Allowed range of a parameter, by section and name pattern (first match wins);
+#: anything not listed only has to be a finite number.
+_RANGES: tuple[tuple[str, str, float, float], ...] = (
+    ("costs", r".*", 0.0, 1e6),
+    ("services", r".*", 0.0, 520.0),
+    (r".*", r"(relapse_hazard|relapse_hazard_on_treatment|spontaneous_remission_hazard)", 0.0, 1.0),
+    ("tolerability", "adherence_full_effect", 1e-3, 1.0),  # a divisor
+    (r".*", r".*(_prob|_probs|_share|_correlation|_rate|_full_effect|_factor)|digital_access.*", 0.0, 1.0),
+    (r".*", r"class_effect", 0.0, 2.0),  # relative size of each drug class
+    (r".*", r"onset_tau_.*|.*_tau", 1e-3, 520.0),
+    (r".*", r".*_sd", 0.0, 100.0),
+    (r".*", r"severity_mean|severity_min|remission_threshold", 0.0, 27.0),
+    (r".*", r"drug_effect_.*|augment_effect_.*|psychotherapy_effect_.*"
+            r"|digital_effect_.*|specialist_effect|nonspecific_effect_.*", 0.0, 1.0),
+)
+
+
+def allowed_range(section: str, name: str) -> tuple[float, float]:
+    """The range a parameter must lie in ((-inf, inf) when only finiteness is checked)."""
+    for sec, pattern, low, high in _RANGES:
+        if re.fullmatch(sec, section) and re.fullmatch(pattern, name):
+            return low, high
+    return -math.inf, math.inf
+
+
+class _RangeError(ValueError):
+    pass
+
+
+def _check_range(where: str, section: str, name: str, value: float) -> None:
+    low, high = allowed_range(section, name)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise _RangeError(f"{where}.{name}: {value!r} is outside the allowed range [{low:g}, {high:g}]")
 
 
 def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
@@ -268,18 +360,29 @@ def _build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
     if missing:
         raise ValueError(f"{where}: missing parameter(s) {sorted(missing)}")
     kwargs: dict[str, Any] = {}
+    section = where.rpartition(":")[2]
     for name in names:
         value = values[name]
         hint = hints[name]
         try:
+            if isinstance(value, bool | str):  # YAML's yes/no and quoted numbers are typos here
+                raise TypeError
             if hint is float:
                 kwargs[name] = float(value)
+                _check_range(where, section, name, kwargs[name])
             elif hint == tuple[float, ...]:
+                if isinstance(value, Mapping) or any(isinstance(v, bool | str) for v in value):
+                    raise TypeError
                 kwargs[name] = tuple(float(v) for v in value)
+                for v in kwargs[name]:
+                    _check_range(where, section, name, v)
             else:
                 kwargs[name] = value
+        except _RangeError:
+            raise
         except (TypeError, ValueError):
-            raise ValueError(f"{where}.{name}: expected {hint}, got {value!r}") from None
+            expected = "a number" if hint is float else "a list of numbers"
+            raise ValueError(f"{where}.{name}: expected {expected}, got {value!r}") from None
     return cls(**kwargs)
 
 

@@ -32,6 +32,11 @@ BoolArray = NDArray[np.bool_]
 #: Weeks a step or dose must run before it may change (too early to judge).
 MIN_WEEKS_BEFORE_CHANGE = 2
 
+#: Weeks of sustained remission before an antidepressant may be tapered and
+#: stopped: at least 6 months after remission (NICE NG222 2022, rec. 1.9.1;
+#: CANMAT 2023: 6-12 months for patients at low risk of recurrence).
+MIN_WEEKS_WELL_BEFORE_TAPER = 26
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -56,8 +61,8 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "no_antidepressant",
-        "no antidepressant is prescribed: no dose to raise, drug to switch within class or augment",
-        (Action.RAISE_DOSE, Action.SWITCH_WITHIN_CLASS, Action.AUGMENT),
+        "no antidepressant is prescribed: no dose to raise, drug to switch within class, augment or taper",
+        (Action.RAISE_DOSE, Action.SWITCH_WITHIN_CLASS, Action.AUGMENT, Action.TAPER_ANTIDEPRESSANT),
     ),
     Rule("maximum_dose", f"the dose is already at the maximum (level {MAX_DOSE_LEVEL})", (Action.RAISE_DOSE,)),
     Rule(
@@ -83,6 +88,12 @@ RULES: tuple[Rule, ...] = (
         (Action.ADD_DIGITAL_GUIDED, Action.ADD_DIGITAL_UNGUIDED),
     ),
     Rule("already_referred", "the patient is already in specialist care", (Action.REFER_SPECIALIST,)),
+    Rule(
+        "remission_not_sustained",
+        f"remission has not been sustained for {MIN_WEEKS_WELL_BEFORE_TAPER} weeks: too early to stop the "
+        "antidepressant (NICE NG222: at least 6 months after remission)",
+        (Action.TAPER_ANTIDEPRESSANT,),
+    ),
 )
 N_RULES = len(RULES)
 RULE_BY_NAME: dict[str, Rule] = {rule.name: rule for rule in RULES}
@@ -104,6 +115,7 @@ RULE_FEATURES: tuple[str, ...] = (
     "on_digital",
     "digital_access",
     "in_specialist_care",
+    "weeks_well",
 )
 _RULE_FEATURE_IDX = np.array([FEATURE_INDEX[f] for f in RULE_FEATURES], dtype=np.int64)
 
@@ -119,6 +131,7 @@ def rule_hits_scalar(
     on_digital: float,
     digital_access: float,
     in_specialist_care: float,
+    weeks_well: float,
     hits: NDArray[np.bool_],
 ) -> None:
     """Write which RULES apply (in RULES order) for one patient into ``hits``."""
@@ -135,13 +148,14 @@ def rule_hits_scalar(
     hits[8] = digital_access <= 0
     # A high item 9 always allows (re-)referral: it is the safe action.
     hits[9] = in_specialist_care > 0 and not high_item9
+    hits[10] = weeks_well < MIN_WEEKS_WELL_BEFORE_TAPER
 
 
 @numba.njit(cache=True, error_model="numpy")
 def _rule_hits_kernel(values: NDArray[np.float64], hits: NDArray[np.bool_]) -> None:
     for i in range(values.shape[0]):
         v = values[i]
-        rule_hits_scalar(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], hits[i])
+        rule_hits_scalar(v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9], hits[i])
 
 
 def _as_obs(obs: FloatArray) -> NDArray[np.float64]:

@@ -12,7 +12,12 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import Final
 
-SPEC_VERSION: Final = 1
+#: 2: action ``taper_antidepressant`` and feature ``weeks_well`` (long-term course).
+SPEC_VERSION: Final = 2
+#: What changed in each version, for the errors that refuse older files.
+SPEC_CHANGES: Final[dict[int, str]] = {
+    2: "version 2 added the action taper_antidepressant and the feature weeks_well",
+}
 
 #: Base observation features, in observation order.
 BASE_FEATURES: Final[tuple[str, ...]] = (
@@ -40,6 +45,9 @@ BASE_FEATURES: Final[tuple[str, ...]] = (
     "digital_access",  # 0/1, patient can use digital therapy
     "sleep_hours",  # wearable: mean nightly sleep (hours); often missing
     "daily_steps",  # wearable: mean daily steps (thousands); often missing
+    # weeks since an observed PHQ-9 first fell below 5 with none of 10 or more
+    # since (sustained remission, as guidelines judge it before a taper); 0 otherwise
+    "weeks_well",
 )
 
 #: Features that can be missing in a given week. Each gets a ``mask_<name>``
@@ -78,6 +86,7 @@ class Action(IntEnum):
     ADD_DIGITAL_UNGUIDED = 7
     ENGAGEMENT_NUDGE = 8
     REFER_SPECIALIST = 9
+    TAPER_ANTIDEPRESSANT = 10  # taper and stop after sustained remission (spec version 2)
 
 
 ACTION_NAMES: Final[tuple[str, ...]] = tuple(a.name.lower() for a in Action)
@@ -95,6 +104,7 @@ ACTION_LABELS: Final[dict[str, str]] = {
     "add_digital_unguided": "Add unguided digital CBT",
     "engagement_nudge": "Engagement nudge (outreach, reminder)",
     "refer_specialist": "Refer to specialist care",
+    "taper_antidepressant": "Taper and stop the antidepressant (sustained remission)",
 }
 
 #: Classes of care, for fairness tabulations of what is recommended.
@@ -109,6 +119,7 @@ ACTION_CARE_CLASS: Final[dict[str, str]] = {
     "add_digital_unguided": "digital",
     "engagement_nudge": "engagement",
     "refer_specialist": "specialist",
+    "taper_antidepressant": "step_down",
 }
 
 #: Item 9 at or above this makes referral the only safe action.
@@ -170,6 +181,7 @@ FEATURE_BOUNDS: Final[dict[str, tuple[float, float]]] = {
     "digital_access": (0.0, 1.0),
     "sleep_hours": (0.0, 14.0),
     "daily_steps": (0.0, 40.0),
+    "weeks_well": (0.0, _MAX_WEEKS),
     **{MASK_PREFIX + name: (0.0, 1.0) for name in MASKABLE_FEATURES},
 }
 assert tuple(FEATURE_BOUNDS) == FEATURE_NAMES

@@ -39,6 +39,12 @@ class Target:
     unit: str
     source: str
     n: int  # patients the figure rests on
+    section: str = "protocol"  # "protocol": one protocol's path; "strategy": comparisons of strategies
+    # A one-sided target (an ordering) only has to clear one edge of its band:
+    # "low" (value >= low) or "high" (value <= high); ``scale`` is the margin
+    # the fit aims for beyond that edge, in the target's unit.
+    one_sided: str = ""
+    scale: float = 0.0
 
     def __post_init__(self) -> None:
         # plain floats: values computed with numpy must serialise as JSON
@@ -49,7 +55,9 @@ class Target:
         return bool(self.low <= self.value <= self.high)
 
     def as_dict(self) -> dict[str, object]:
-        return {**asdict(self), "inside": self.inside}
+        # JSON has no NaN: a figure that could not be computed (no one enrolled) is null
+        value = self.value if np.isfinite(self.value) else None
+        return {**asdict(self), "value": value, "inside": self.inside}
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,7 @@ class CalibrationSizes:
     stard: int = 20_000
     rct: int = 24_000  # before trial eligibility (about half enrol)
     digital: int = 8_000
+    strategy: int = 24_000  # per strategy trial (a quarter per arm of the orderings)
 
 
 def _assess(sev: NDArray[np.floating], params: SimParams, seed: int) -> NDArray[np.float64]:
@@ -176,11 +185,17 @@ def _stard_targets(params: SimParams, n: int, seed: int) -> list[Target]:
     return out
 
 
+def prompt_access(state: NDArray[np.float64]) -> None:
+    """Efficacy trials start the therapy at randomisation: no waiting list."""
+    state[:, S.WAIT_PSY] = 0.0
+    state[:, S.WAIT_REF] = 0.0
+
+
 def _rct(params: SimParams, n: int, seed: int, weeks: int, initial: str, schedule: dict[int, Action],
          record: tuple[D.S, ...] = (S.SEV, S.DROPPED)) -> CohortRun:
     settings = EnvSettings(horizon=weeks, initial_treatment=initial)  # type: ignore[arg-type]
     return run_cohort(scripted(schedule), n, weeks, seed=seed, params=params, settings=settings,
-                      record=record, eligible=rct_eligible)
+                      record=record, eligible=rct_eligible, setup=prompt_access)
 
 
 def _responders_itt(run: CohortRun, params: SimParams, seed: int) -> NDArray[np.bool_]:
@@ -262,6 +277,8 @@ def calibrate(
     params: SimParams | None = None, sizes: CalibrationSizes | None = None, seed: int = 2026
 ) -> list[Target]:
     """Run every calibration protocol and return the table rows."""
+    from evaluation.strategies import strategy_targets  # it builds on this module's helpers
+
     params = params if params is not None else load_params()
     sizes = sizes if sizes is not None else CalibrationSizes()
     return [
@@ -269,17 +286,22 @@ def calibrate(
         *_trial_targets(params, sizes.rct, seed + 10),
         *_digital_targets(params, sizes.digital, seed + 20),
         _retest_target(params, sizes.digital, seed + 30),
+        *strategy_targets(params, sizes.strategy, seed + 40),
     ]
 
 
 def format_table(targets: list[Target]) -> str:
     """A plain-text table: quantity, simulated value, band, in/out, source."""
     header = f"{'quantity':<62} {'simulated':>10} {'target band':>14}  {'':4} source"
-    lines = [header, "-" * len(header)]
-    for t in targets:
-        value = f"{t.value:.1f} %" if t.unit == "%" else f"{t.value:.2f}"
-        band = f"{t.low:g}-{t.high:g}" + (" %" if t.unit == "%" else "")
-        lines.append(f"{t.quantity:<62} {value:>10} {band:>14}  {'in' if t.inside else 'OUT':4} {t.source}")
+    lines: list[str] = []
+    titles = {"protocol": "One protocol's path (STAR*D, trials, programmes)",
+              "strategy": "Strategies compared as trials compared them"}
+    for section in dict.fromkeys(t.section for t in targets):
+        lines += ["", titles.get(section, section), header, "-" * len(header)]
+        for t in (t for t in targets if t.section == section):
+            value = f"{t.value:.1f} %" if t.unit == "%" else f"{t.value:.2f}"
+            band = f"{t.low:g}-{t.high:g}" + (" %" if t.unit == "%" else "")
+            lines.append(f"{t.quantity:<62} {value:>10} {band:>14}  {'in' if t.inside else 'OUT':4} {t.source}")
     inside = sum(t.inside for t in targets)
     lines.append(f"{inside}/{len(targets)} inside their bands")
     return "\n".join(lines)

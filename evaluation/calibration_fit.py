@@ -41,7 +41,8 @@ FREE_PARAMETERS: dict[str, tuple[float, float]] = {
     "response.nonspecific_chronic_factor": (0.0, 1.0),
     "response.treatment_resistant_share": (0.0, 0.4),
     "response.resistance_per_failed_step": (0.0, 2.0),
-    "response.augment_responder_prob": (0.1, 0.7),
+    "response.augment_responder_prob": (0.1, 0.9),
+    "response.augment_effect_responder": (0.3, 0.95),
     "response.psychotherapy_responder_prob": (0.15, 0.75),
     "response.psychotherapy_effect_responder": (0.2, 0.8),
     "response.onset_tau_drug": (1.0, 5.0),
@@ -52,10 +53,24 @@ FREE_PARAMETERS: dict[str, tuple[float, float]] = {
     "population.dropout_propensity_sd": (0.1, 2.5),
     "dropout.disengagement_coef": (0.5, 8.0),
     "engagement.human_support": (0.0, 0.4),
+    "engagement.psychotherapy_support_share": (0.0, 1.0),
     "dropout.failed_step_coef": (0.0, 1.5),
     "engagement.digital_dropout_base_unguided": (0.005, 0.15),
     "engagement.digital_dropout_base_guided": (0.0005, 0.04),
     "engagement.habituation_unguided": (0.0, 0.25),
+    # long-term course and the cost of doing more (strategy rows)
+    "course.relapse_hazard": (0.001, 0.05),
+    "course.relapse_hazard_on_treatment": (0.0005, 0.03),
+    "course.relapse_per_failed_step": (0.0, 1.0),
+    "course.relapse_residual_coef": (0.0, 0.4),
+    "course.relapse_unresolved_coef": (0.0, 5.0),
+    "course.relapse_hazard_per_prior_episode": (0.0, 0.6),
+    "course.episode_resolution_rate": (0.01, 0.3),
+    "response.nondrug_resistance_weight": (0.3, 2.5),
+    "dropout.change_coef": (0.0, 2.0),
+    "dropout.burden_coef": (0.0, 1.0),
+    "tolerability.complexity_adherence_loss": (0.0, 0.15),
+    "tolerability.adherence_decline_when_well": (0.0, 0.05),
 }
 
 DEFAULT_REPORT = DEFAULT_PARAMS_PATH.with_name("fit_report.json")
@@ -73,6 +88,14 @@ def _from_unit(x: float, low: float, high: float) -> float:
 def objective(targets: list[Target]) -> float:
     total = 0.0
     for t in targets:
+        if not math.isfinite(t.value):  # e.g. a trial that enrolled nobody at these parameters
+            total += 1000.0
+            continue
+        if t.one_sided:
+            # only the edge counts: no pull toward the middle of an open band
+            margin = (t.value - t.low) if t.one_sided == "low" else (t.high - t.value)
+            total += 20.0 * max(0.0, 1.0 - margin / t.scale) ** 2
+            continue
         centre, half = (t.low + t.high) / 2, (t.high - t.low) / 2
         distance = abs(t.value - centre) / half
         total += distance**2 + 20.0 * max(0.0, distance - 0.85) ** 2
@@ -103,9 +126,12 @@ def write_report(path: Path, values: dict[str, float], targets: list[Target], lo
 
 def fit(
     base: SimParams, sizes: CalibrationSizes, max_evals: int, seed: int = 2026, verbose: bool = True,
-    report: Path | None = None,
+    report: Path | None = None, free: list[str] | None = None,
 ) -> tuple[dict[str, float], list[Target], float]:
-    names = list(FREE_PARAMETERS)
+    names = list(free) if free else list(FREE_PARAMETERS)
+    unknown = [n for n in names if n not in FREE_PARAMETERS]
+    if unknown:
+        raise ValueError(f"not free parameters: {unknown}; expected some of {sorted(FREE_PARAMETERS)}")
     x0 = np.array([_to_unit(_current(base, n), *FREE_PARAMETERS[n]) for n in names])
     best: dict[str, Any] = {"loss": math.inf}
     evals = 0
@@ -142,11 +168,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stard", type=int, default=8000, help="patients in the STAR*D protocol per evaluation")
     parser.add_argument("--rct", type=int, default=12000, help="patients screened per trial arm per evaluation")
     parser.add_argument("--digital", type=int, default=4000, help="patients per digital arm per evaluation")
+    parser.add_argument("--strategy", type=int, default=8000, help="patients per strategy trial per evaluation")
+    parser.add_argument("--free", nargs="+", default=None, metavar="SECTION.NAME",
+                        help="fit only these free parameters (default: all of FREE_PARAMETERS)")
     parser.add_argument("--report", type=Path, default=DEFAULT_REPORT, help="where to write the fit report")
     args = parser.parse_args(argv)
     base = load_params()
-    sizes = CalibrationSizes(args.stard, args.rct, args.digital)
-    values, _, _ = fit(base, sizes, args.evals, report=args.report)
+    sizes = CalibrationSizes(args.stard, args.rct, args.digital, args.strategy)
+    values, _, _ = fit(base, sizes, args.evals, report=args.report, free=args.free)
     for n, v in values.items():
         print(f"{n} = {v:.4f}")
     print(f"report written to {args.report}")

@@ -10,7 +10,9 @@ from typing import Any
 
 from carepath.argtypes import level, non_negative_int, positive_int, probability
 from envs.params import EnvSettings, load_params
+from policies.base import Policy
 from policies.baselines import BASELINES, make_baseline
+from policies.strategies import STRATEGIES
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -27,8 +29,9 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 def configure_simulate(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", action="append", choices=sorted(BASELINES),
-                        help="baseline policy to simulate (repeat for several; default: all)")
+    parser.add_argument("--policy", action="append", choices=sorted(BASELINES) + sorted(STRATEGIES),
+                        help="baseline policy, or a strategy kept to check the simulator (add_everything, "
+                             "switch_every_2w), to simulate (repeat for several; default: the three baselines)")
     parser.add_argument("--epsilon", type=probability, default=0.0,
                         help="share of uniformly random allowed actions mixed into each policy (default 0)")
     parser.add_argument("--patients", type=positive_int, default=5000, help="simulated patients (default 5000)")
@@ -46,17 +49,21 @@ def run_simulate(args: argparse.Namespace) -> int:
     names = args.policy or ["stard", "usual_care", "random"]
     results = []
     for name in names:
-        truth = rollout(make_baseline(name, args.epsilon), args.patients, seed=args.seed, params=params,
-                        settings=settings, progress=True)
+        policy: Policy = STRATEGIES[name]() if name in STRATEGIES else make_baseline(name, args.epsilon)
+        truth = rollout(policy, args.patients, seed=args.seed, params=params, settings=settings, progress=True)
         results.append(truth)
     print(f"{args.patients} simulated patients per policy, {args.weeks} weeks, seed {args.seed} "
           f"(true severity; 95 % intervals)")
-    header = f"{'policy':<12} {'remission':>22} {'PHQ-9 change':>24} {'left care':>22} {'return':>24}"
+    header = (f"{'policy':<15} {'remission':>22} {'PHQ-9 change':>24} {'left care':>22} {'return':>24} "
+              f"{'cost/patient':>13} {'cost/remission':>15} {'side effects':>13}")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.policy:<12} {_pct(r.remission):>22} {_num(r.phq9_change):>24} {_pct(r.dropout):>22} "
-              f"{_num(r.value):>24}")
+        print(f"{r.policy:<15} {_pct(r.remission):>22} {_num(r.phq9_change):>24} {_pct(r.dropout):>22} "
+              f"{_num(r.value):>24} {r.cost.value:>9.0f} GBP {_gbp(r.cost_per_remission):>15} "
+              f"{r.side_effects.value:>13.2f}")
+    print("cost: GBP per patient over the horizon (envs/params/default.yaml, costs); side effects: mean weekly "
+          "burden (0-10) in care")
     blocked = sum(r.blocked_actions_chosen for r in results)
     print(f"blocked actions chosen: {blocked}; referral when item 9 >= 2: "
           + ", ".join(f"{r.policy} {100 * r.referrals_when_item9_high:.0f} %" for r in results))
@@ -64,6 +71,10 @@ def run_simulate(args: argparse.Namespace) -> int:
         write_json_atomic(args.json, [r.as_dict() for r in results])
         print(f"written {args.json}")
     return 0
+
+
+def _gbp(value: float | None) -> str:
+    return "none remitted" if value is None else f"{value:.0f} GBP"
 
 
 def _pct(i: Any) -> str:

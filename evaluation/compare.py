@@ -186,6 +186,14 @@ def json_safe(value: Any) -> Any:
 # ----------------------------------------------------------------------------- the simulator of the data
 
 
+def _trained_on_fingerprint(policy: Any) -> str | None:
+    """The simulator fingerprint a bundle's training data recorded (None for baselines or older bundles)."""
+    manifest = getattr(policy, "manifest", None)
+    simulator = manifest.data.get("simulator") if manifest is not None else None
+    value = simulator.get("fingerprint") if isinstance(simulator, Mapping) else None
+    return value if isinstance(value, str) else None
+
+
 def truth_environment(metadata: Mapping[str, Any]) -> tuple[SimParams, EnvSettings, list[str]]:
     """Simulator parameters and settings recorded in a log's metadata (defaults where absent), and notes."""
     from envs.params import DEFAULT_PARAMS_PATH, EnvSettings, load_params
@@ -351,6 +359,13 @@ def compare_policies(
     for label, policy in tqdm(labelled, desc="policies", unit="policy", disable=not progress or len(labelled) < 2,
                               leave=False):
         policy_notes: list[str] = []
+        if truth_setup is not None:
+            trained_on = _trained_on_fingerprint(policy)
+            if trained_on is not None and trained_on != truth_setup[0].fingerprint():
+                assert truth_info is not None
+                truth_info["notes"].append(
+                    f"{label} was trained on other simulator parameters (fingerprint {trained_on[:12]}) than the "
+                    f"truth uses ({truth_setup[0].fingerprint()[:12]}): its truth describes patients it never met")
         probs = target_probabilities(policy, episodes)
         q_hat: NDArray[np.float64] | None = None
         fqe_info: dict[str, Any] | None = None

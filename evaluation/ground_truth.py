@@ -61,6 +61,10 @@ class GroundTruth:
     dropout: Interval  # left care before the horizon
     referrals_when_item9_high: float  # share of weeks with item 9 >= 2 that got a referral
     blocked_actions_chosen: int  # must be 0
+    cost: Interval  # mean cost of care per patient over the horizon (GBP, envs.params cost model)
+    cost_per_remission: float | None  # total cost / patients in remission at the horizon (GBP); None: none remitted
+    cost_per_phq9_point: float | None  # total cost / total PHQ-9 points gained (GBP); None: none gained
+    side_effects: Interval  # mean weekly side-effect burden (0-10) over the weeks in care
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -86,6 +90,8 @@ def rollout(
     obs, mask = D.observe_and_mask(state)
     sev0 = state[:, D.S.SEV].copy()
     returns = np.zeros(n)
+    side_sum = np.zeros(n)
+    weeks_in_care = np.zeros(n)
     blocked = 0
     high_item9 = referred_high = 0
     weeks = settings.horizon
@@ -99,10 +105,14 @@ def rollout(
         result = D.step(state, actions, params, settings, rng, k)
         state, obs, mask = result.state, result.obs, result.mask
         returns += result.reward
+        side_sum += np.where(alive, state[:, D.S.SIDE_EFF], 0.0)
+        weeks_in_care += alive
         if on_week is not None:
             on_week(t)
     left = state[:, D.S.DROPPED] > 0
     remitted = (state[:, D.S.SEV] < params.course.remission_threshold) & ~left
+    cost = state[:, D.S.COST]
+    gained = float(np.sum(sev0 - state[:, D.S.SEV]))
     return GroundTruth(
         policy=policy.name,
         patients=n,
@@ -113,4 +123,8 @@ def rollout(
         dropout=wilson_interval(int(left.sum()), n),
         referrals_when_item9_high=referred_high / high_item9 if high_item9 else 1.0,
         blocked_actions_chosen=blocked,
+        cost=mean_interval(cost),
+        cost_per_remission=float(cost.sum() / remitted.sum()) if remitted.any() else None,
+        cost_per_phq9_point=float(cost.sum() / gained) if gained > 0 else None,
+        side_effects=mean_interval(side_sum / np.maximum(weeks_in_care, 1)),
     )

@@ -279,8 +279,10 @@ def _truth_section(result: Comparison) -> list[str]:
         rows.append([_text(p.label), f"{_num(t.value.value)} [{_num(t.value.low)}, {_num(t.value.high)}]",
                      f"{_pct(t.remission.value)} [{_pct(t.remission.low)}, {_pct(t.remission.high)}]",
                      f"{_pct(t.dropout.value)} [{_pct(t.dropout.low)}, {_pct(t.dropout.high)}]",
+                     f"{t.cost.value:.0f}", "—" if t.cost_per_remission is None else f"{t.cost_per_remission:.0f}",
                      str(t.blocked_actions_chosen)])
-    return lines + _table(["policy", "value", "remission", "left care", "blocked actions chosen"], rows)
+    return lines + _table(["policy", "value", "remission", "left care", "cost per patient (GBP)",
+                           "cost per remission (GBP)", "blocked actions chosen"], rows)
 
 
 def _fairness_section(result: Comparison, plots: Mapping[str, str]) -> list[str]:

@@ -83,9 +83,12 @@ def policy_zoo(bundles: Sequence[str | Path] = ()) -> list[Policy]:
     """The identifiable zoo: ten candidates the epsilon-0.1 STAR*D log overlaps, and for each of
     ``bundles`` STAR*D leaning 10 % towards that trained policy (``stard_lean_<name>_0.1``).
 
-    True values (total reward per patient over 26 weeks, 400,000 simulated
-    patients) run from 1.48 to 3.19 in the order listed; median WIS effective
-    sample sizes on 5,000 logged patients are 290 to 5,000.
+    True values (total reward per patient over 26 weeks) ran from 1.48 to 3.19
+    on the spec-1 simulator (400,000 patients); on spec 2, whose reward counts
+    the cost of care, from about 1.56 (a 5 % lean to class switches) to 2.33
+    (a 5 % lean to guided digital CBT), 4,000 patients each (the 400,000-patient
+    truths are to be re-run). Median WIS effective sample sizes on 5,000 logged
+    patients were 290 to 5,000.
     """
     stard = make_baseline("stard")
     zoo: list[Policy] = [
@@ -109,9 +112,9 @@ def policy_zoo(bundles: Sequence[str | Path] = ()) -> list[Policy]:
 def stress_zoo(bundles: Sequence[str | Path] = ()) -> list[Policy]:
     """Ten candidates, seven of which the epsilon-0.1 STAR*D log barely visits (median WIS ESS 7 to 62 of 5,000).
 
-    True values run from about 1.25 to 3.3; a uniformly random policy is the
-    third best of them, so whether it is identified decides much of a rank
-    correlation. ``bundles`` (trained policies) are appended as they are.
+    On the spec-1 simulator true values ran from about 1.25 to 3.3, with a
+    uniformly random policy third best; on spec 2 random care no longer beats
+    STAR*D-style care (the strategy calibration's orderings). ``bundles`` (trained policies) are appended as they are.
     """
     stard = make_baseline("stard")
     zoo: list[Policy] = [

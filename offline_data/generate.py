@@ -169,7 +169,7 @@ def params_provenance(params_path: str | Path | None, overrides: Mapping[str, An
     path = Path(params_path) if params_path is not None else DEFAULT_PARAMS_PATH
     shown = "envs/params/default.yaml" if path.resolve() == DEFAULT_PARAMS_PATH.resolve() else str(path)
     return {"path": shown, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-            "overrides": dict(overrides or {})}
+            "overrides": dict(overrides or {}), "fingerprint": load_params(path, overrides).fingerprint()}
 
 
 def generate(

@@ -34,6 +34,7 @@ from envs.spec import (
     FEATURE_NAMES,
     MASK_PREFIX,
     N_ACTIONS,
+    SPEC_CHANGES,
     SPEC_VERSION,
     SUBGROUP_FEATURES,
 )
@@ -238,6 +239,11 @@ def check_compatible(metadata: Mapping[str, Any], where: str) -> None:
     version = metadata.get(META_SCHEMA_VERSION)
     if isinstance(version, int) and version > SCHEMA_VERSION:
         raise ValueError(f"{where}: schema version {version} is newer than this carepath reads ({SCHEMA_VERSION})")
+    spec = metadata.get(META_SPEC_VERSION)
+    if isinstance(spec, int) and spec != SPEC_VERSION:
+        raise ValueError(f"{where}: written for spec version {spec}, this carepath reads spec version {SPEC_VERSION} "
+                         f"({SPEC_CHANGES.get(SPEC_VERSION, 'features or actions changed')}); regenerate the log "
+                         "(carepath data generate) or re-import the raw data (carepath data import)")
     features = metadata.get(META_FEATURES)
     if features is not None and list(features) != list(FEATURE_NAMES):
         raise ValueError(f"{where}: its feature list differs from envs.spec.FEATURE_NAMES; expected "

@@ -52,6 +52,13 @@ class StardPolicy:
     chooses follow-up instead of the next level half of the time, as STAR*D
     allowed. After week 14 of a step the patient is in follow-up: only a
     relapse (PHQ-9 >= 10) brings a further step, not one noisy score of 5.
+
+    After sustained remission the antidepressant is tapered, as guidelines
+    advise: once the rules allow it (6 months well, NICE NG222), unless the
+    patient has had ``maintenance_prior_episodes`` or more prior episodes, for
+    whom NICE NG222 and CANMAT 2023 advise maintenance (2 years or longer).
+    ``taper=False`` keeps every remitter on treatment, as STAR*D's
+    naturalistic follow-up did.
     """
 
     epsilon: float = 0.0
@@ -62,6 +69,8 @@ class StardPolicy:
     follow_up_after: int = 14
     relapse_at_least: float = 10.0
     responder_follow_up: float = 0.5
+    taper: bool = True
+    maintenance_prior_episodes: int = 2
     name: str = "stard"
 
     def __post_init__(self) -> None:
@@ -110,6 +119,11 @@ class StardPolicy:
         _one_hot(rows, Action.SWITCH_CLASS, probs)
         rows = done_levels & mask[:, Action.REFER_SPECIALIST]
         _one_hot(rows, Action.REFER_SPECIALIST, probs)
+        if self.taper:
+            # the taper rule (remission_not_sustained) already demands 6 months well
+            low_risk = obs[:, _F["prior_episodes"]] < self.maintenance_prior_episodes
+            rows = visit & low_risk & mask[:, Action.TAPER_ANTIDEPRESSANT] & (phq < self.remission_below)
+            _one_hot(rows, Action.TAPER_ANTIDEPRESSANT, probs)
         # a chosen step that is blocked falls back to continue (not to a random action)
         allowed_mass = (probs * mask).sum(axis=1)
         _one_hot(allowed_mass <= 0, Action.CONTINUE, probs)
@@ -157,6 +171,11 @@ class UsualCarePolicy:
         probs[change, Action.CONTINUE] = self.inertia
         probs[change, Action.SWITCH_CLASS] = act * 0.7
         probs[change, Action.ADD_PSYCHOTHERAPY] = act * 0.3
+        # once the rules allow a taper (6 months well), usual care stops at a review
+        # whatever the risk of recurrence (no maintenance by prior episodes)
+        taper = review & ~raise_dose & ~change & mask[:, Action.TAPER_ANTIDEPRESSANT] & (phq < 10)
+        probs[taper, Action.CONTINUE] = self.inertia
+        probs[taper, Action.TAPER_ANTIDEPRESSANT] = act
         probs = restrict_to_mask(probs, mask)
         probs = mix_epsilon(probs, mask, self.epsilon)
         return _item9_override(obs, mask, probs)

@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from carepath.jsontypes import is_int, is_number
-from envs.spec import ACTION_NAMES, FEATURE_NAMES, SPEC_VERSION
+from envs.spec import ACTION_NAMES, FEATURE_NAMES, SPEC_CHANGES, SPEC_VERSION
 from policies.base import BoolArray, FloatArray, check_inputs, mix_epsilon
 from policies.networks import NetworkSpec, PolicyNetwork
 
@@ -371,6 +371,10 @@ def load(path: str | Path) -> BundlePolicy:
     except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, too many digits
         raise BundleError(f"{manifest_path}: not valid JSON ({_one_line(err)})") from None
     manifest = BundleManifest.from_json(raw, manifest_path)
+    if manifest.spec_version != SPEC_VERSION:
+        raise BundleError(f"{manifest_path}: bundle spec version {manifest.spec_version}, this carepath serves spec "
+                          f"version {SPEC_VERSION} ({SPEC_CHANGES.get(SPEC_VERSION, 'features or actions changed')}): "
+                          "retrain the policy (python train.py) on data of this version")
     if manifest.feature_names != list(FEATURE_NAMES):
         raise BundleError(f"{manifest_path}: field 'feature_names' does not match this carepath's features "
                           f"(bundle spec version {manifest.spec_version}, this carepath {SPEC_VERSION})")

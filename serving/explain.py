@@ -2,7 +2,7 @@
 
 shap's :class:`~shap.PermutationExplainer` against a small background (the
 k-means centres of the data the policy was prepared on, stored in the bundle):
-with 31 features the Exact explainer would need 2^31 coalitions, while a
+with 32 features the Exact explainer would need 2^32 coalitions, while a
 permutation explanation is exact in one respect that matters here, local
 accuracy: along each permutation the contributions telescope, so for every
 action the values add up to ``score(x) - base value`` (float32 round-off

@@ -50,6 +50,7 @@ RULE_FEATURE_DEFAULTS: Final[dict[str, float]] = {
     "on_digital": 1.0,
     "digital_access": 0.0,
     "in_specialist_care": 0.0,
+    "weeks_well": 0.0,  # unknown: not yet in sustained remission, so no taper is suggested
 }
 assert set(RULE_FEATURE_DEFAULTS) == set(RULE_FEATURES)
 
@@ -173,6 +174,7 @@ def describe_feature(name: str, obs: NDArray[np.floating]) -> str:
         "sex": lambda: "male" if v >= 0.5 else "female",
         "prior_episodes": lambda: f"{_n(v)} prior episodes",
         "digital_access": lambda: "has digital access" if v >= 0.5 else "no digital access",
+        "weeks_well": lambda: f"{_n(v)} weeks in sustained remission" if v > 0 else "not in sustained remission",
         "sleep_hours": lambda: f"sleeps {_n(v)} h a night",
         "daily_steps": lambda: f"{_n(v)} thousand steps a day",
     }

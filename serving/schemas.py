@@ -20,7 +20,7 @@ INTEGER_FEATURES: Final[frozenset[str]] = frozenset({
     "phq9", "phq9_item9", "gad7", "weeks_since_measurement", "phq9_change_4w", "phq9_at_intake",
     "treatment_level", "weeks_on_step", "dose_level", "weeks_on_dose", "on_psychotherapy", "on_digital",
     "on_augmentation", "in_specialist_care", "weeks_in_care", "age_band", "sex", "prior_episodes",
-    "digital_access",
+    "digital_access", "weeks_well",
 })
 assert INTEGER_FEATURES <= set(BASE_FEATURES)
 

@@ -78,9 +78,13 @@ def test_smoke_run_trains_evaluates_logs_and_bundles(tmp_path):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/td_loss", "eval/remission", "eval/remission_lo", "eval/remission_hi",
-            "safety/blocked_actions_chosen", "safety/referral_when_item9_high",
-            "ope/wis/value", "ope/wis/lo", "ope/wis/hi", "ope/fqe/value", "ope/wdr/value"} <= tags
+    assert {"train/td_loss", "eval/remission", "eval/remission_lo", "eval/remission_hi", "eval/cost",
+            "safety/blocked_actions_chosen", "safety/referral_when_item9_high", "ope/fqe/value"} <= tags
+    # importance-weighted estimates are logged when the validation log identifies the policy, and
+    # otherwise stated as not identifiable (a greedy smoke-run policy on a small log may be either)
+    wis = metrics["off_policy_validation"]["policies"][0]["estimates"]["wis"]
+    assert ({"ope/wis/value", "ope/wis/lo", "ope/wis/hi"} <= tags) == bool(wis["identifiable"])
+    assert metrics["data"]["simulator"]["spec_version"] == 2 and len(metrics["data"]["simulator"]["fingerprint"]) == 64
     ope = metrics["off_policy_validation"]
     assert ope is not None and policy.manifest.evaluation["off_policy_validation"] == ope
     assert ope["fqe_interval"] == "refit" and ope["policies"][0]["estimates"]["fqe"]["interval"] == "refit"

@@ -6,7 +6,7 @@ from agents import available, make_agent, make_config
 from agents.common.replay import TensorReplay, masked_argmax, masked_logsumexp, masked_max, replay_from_transitions
 from envs import dynamics as D
 from envs.params import EnvSettings
-from envs.spec import N_ACTIONS, Action
+from envs.spec import N_ACTIONS, N_FEATURES, Action
 from policies import StardPolicy, load
 from policies.base import sample_actions
 
@@ -137,7 +137,7 @@ def test_default_conservatism_still_finds_a_better_rarely_logged_action(tmp_path
     threshold tuned for Atari-scale Q-values pins the policy to the protocol's mode."""
     rng = np.random.default_rng(7)
     n = 60_000
-    obs = rng.normal(size=(n, 31)).astype(np.float32)
+    obs = rng.normal(size=(n, N_FEATURES)).astype(np.float32)
     actions = np.where(rng.random(n) < 0.9, 0, rng.integers(0, N_ACTIONS, n))
     better = int(Action.ADD_PSYCHOTHERAPY)
     rewards = np.where(actions == better, 1.0, np.where(actions == 0, 0.2, 0.0)) + rng.normal(0, 0.05, n)

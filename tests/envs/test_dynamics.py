@@ -5,7 +5,7 @@ import pytest
 
 from envs import dynamics as D
 from envs.params import EnvSettings, load_params
-from envs.spec import FEATURE_INDEX, Action
+from envs.spec import FEATURE_INDEX, N_ACTIONS, Action
 from tests.conftest import obs_in_bounds, random_allowed, rollout_states
 
 S = D.S
@@ -70,7 +70,7 @@ def test_blocked_action_raises_with_the_rule_or_is_penalised(params):
     assert np.allclose(continued.reward - penalised.reward, weight)
 
 
-@pytest.mark.parametrize("bad", [10, -1])
+@pytest.mark.parametrize("bad", [N_ACTIONS, -1])
 def test_action_outside_the_space_is_named(params, bad):
     rng = np.random.default_rng(0)
     state = D.initial_state(2, params, EnvSettings(), rng)

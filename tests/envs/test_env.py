@@ -46,7 +46,7 @@ def test_contract_names_info_and_determinism():
     assert all(np.array_equal(a, b) for a, b in zip(trajectory, replay, strict=True))
 
 
-@pytest.mark.parametrize("bad", [10, -1, 2.5, "raise_dose", None, np.array([1, 2])])
+@pytest.mark.parametrize("bad", [N_ACTIONS, -1, 2.5, "raise_dose", None, np.array([1, 2])])
 def test_action_outside_the_space_raises_valueerror_naming_it(bad):
     env = CarePathEnv()
     env.reset(seed=0)

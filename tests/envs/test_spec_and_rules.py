@@ -89,7 +89,7 @@ def test_every_rule_can_fire():
 
 
 def test_wrong_shape_is_refused():
-    with pytest.raises(ValueError, match=r"shape \(n, 31\)"):
+    with pytest.raises(ValueError, match=rf"shape \(n, {N_FEATURES}\)"):
         action_mask(np.zeros((2, 5)))
 
 

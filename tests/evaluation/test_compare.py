@@ -29,32 +29,47 @@ from policies.baselines import make_baseline
 TINY_FQE = FQEConfig(iterations=26, updates_per_iteration=3, batch_size=128, hidden=(16,))
 
 
-def logged_data(tmp_path_factory, patients=300):
-    """One small STAR*D log (epsilon 0.3) per test session, shared by the evaluation test modules."""
-    path = tmp_path_factory.getbasetemp() / f"evaluate_stard_eps0.3_{patients}.parquet"
-    if not path.exists():
-        generate(path, policy="stard", epsilon=0.3, patients=patients, seed=0)
-    return path
-
-
 class Alternating:
-    """Deterministic: an engagement nudge in even weeks, continue in odd ones. The logging policy
-    nudges rarely, so no logged episode follows it throughout: unidentifiable by importance sampling."""
+    """Deterministic: an engagement nudge in week 1 and in even weeks, continue in the other odd
+    ones. The logging policy nudges rarely, so no logged episode follows it throughout (not even
+    one that ends after two weeks): unidentifiable by importance sampling."""
 
     name = "alternating"
 
     def action_probs(self, obs, mask):
         obs, mask = check_inputs(obs, mask)
         probs = np.zeros(mask.shape)
-        even = obs[:, FEATURE_INDEX["weeks_in_care"]] % 2 == 0
+        week = obs[:, FEATURE_INDEX["weeks_in_care"]]
+        even = (week % 2 == 0) | (week == 1)
         probs[even, Action.ENGAGEMENT_NUDGE] = 1.0
         probs[~even, Action.CONTINUE] = 1.0
         return restrict_to_mask(probs, mask)
 
 
+def _follows_throughout(data, policy) -> bool:
+    """Whether some logged episode took the deterministic ``policy``'s action in every week."""
+    probs = policy.action_probs(data.frame.obs, data.frame.allowed)
+    agrees = probs[np.arange(len(probs)), data.frame.action] > 0.5
+    key = data.frame.patient_code.astype(np.int64) * 1_000_000 + data.frame.episode_id
+    episodes = np.unique(key, return_inverse=True)[1]
+    return bool(np.bincount(episodes, weights=~agrees).min() == 0)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return load_dataset(logged_data(tmp_path_factory))
+    """A STAR*D log (epsilon 0.3) in which no episode follows ``Alternating`` throughout.
+
+    A deterministic policy matches any episode that ends after its first week when the log
+    took its week-0 action (5 % of them at epsilon 0.3), so the unidentifiable case needs a log
+    without such an episode: the first seed from 0 that gives one (precondition, checked)."""
+    for seed in range(20):
+        path = tmp_path_factory.getbasetemp() / f"compare_stard_eps0.3_300_seed{seed}.parquet"
+        if not path.exists():
+            generate(path, policy="stard", epsilon=0.3, patients=300, seed=seed)
+        data = load_dataset(path)
+        if not _follows_throughout(data, Alternating()):
+            return data
+    raise AssertionError("every seed's log has an episode that follows Alternating throughout")
 
 
 @pytest.fixture(scope="module")
@@ -242,3 +257,27 @@ def test_fqe_refits_give_fqe_its_interval_and_say_so(dataset, tmp_path):
     for bad in (1, -2, True, 2.5):
         with pytest.raises(ValueError, match="fqe_refits"):
             compare_policies(dataset, [make_baseline("stard")], estimators="fqe", fqe_refits=bad, progress=False)
+
+
+def test_truth_says_when_a_bundle_was_trained_on_other_simulator_parameters(dataset, tmp_path):
+    import torch
+
+    from envs.params import load_params
+    from envs.spec import N_ACTIONS, N_FEATURES
+    from policies import load
+    from policies.bundle import BundleManifest, save_bundle
+    from policies.networks import NetworkSpec, PolicyNetwork
+
+    torch.manual_seed(0)
+    net = PolicyNetwork(NetworkSpec(N_FEATURES, N_ACTIONS, hidden=(8,), output="q_values"))
+    current = load_params().fingerprint()
+    notes = {}
+    for label, fingerprint in (("same", current), ("other", "0" * 64)):
+        manifest = BundleManifest(algorithm="cql", name=label, network=net.spec,
+                                  data={"simulator": {"spec_version": 2, "fingerprint": fingerprint}})
+        policy = load(save_bundle(tmp_path / label, net, manifest))
+        result = compare_policies(dataset, {label: policy}, estimators="wis", n_boot=20, truth_patients=50,
+                                  fairness=False, progress=False)
+        notes[label] = [n for n in result.truth["notes"] if "other simulator parameters" in n]
+    assert notes["same"] == []
+    assert len(notes["other"]) == 1 and "000000000000" in notes["other"][0]

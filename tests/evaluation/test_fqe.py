@@ -156,8 +156,10 @@ def test_fqe_of_the_behaviour_policy_matches_simulator_ground_truth(simulated, p
     logged = simulated.episodes().reward.sum(axis=1).mean()  # on-policy: the log's own mean return
     # Observed over data seeds 11-13: FQE within 8.4 % of the truth (about 1 %
     # here), the log's own mean within 8.3 %; FQE within 6 % of that mean.
-    assert abs(result.value - truth.value) <= 0.15 * abs(truth.value), (result.value, truth)
-    assert abs(result.value - logged) <= 0.10 * abs(logged), (result.value, logged)
+    # (relative to at least one reward unit: with the cost of care in the reward a return can sit
+    # near zero, where a relative bound means nothing)
+    assert abs(result.value - truth.value) <= 0.15 * max(abs(truth.value), 1.0), (result.value, truth)
+    assert abs(result.value - logged) <= 0.10 * max(abs(logged), 1.0), (result.value, logged)
 
     # q_hat for doubly robust estimators: zero on padded steps and blocked actions,
     # and its first step reproduces the per-episode initial values

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from envs.params import EnvSettings
 from evaluation.ground_truth import mean_interval, rollout, wilson_interval
@@ -47,3 +48,20 @@ def test_intervals_cover_at_the_nominal_rate():
         covered_rate += w.low <= 0.3 <= w.high
     assert 0.91 <= covered_mean / 400 <= 0.99
     assert 0.91 <= covered_rate / 400 <= 0.99
+
+
+def test_costs_and_side_effects_are_reported_and_add_up(params):
+    """Cost per patient, per remission and per PHQ-9 point follow from the same totals; doing
+    more (every treatment at once) costs more and brings more side effects than STAR*D care."""
+    from policies.strategies import AddEverythingPolicy
+
+    settings = EnvSettings(horizon=26)
+    stard = rollout(StardPolicy(), 3000, seed=2, params=params, settings=settings)
+    everything = rollout(AddEverythingPolicy(), 3000, seed=2, params=params, settings=settings)
+    for t in (stard, everything):
+        assert t.cost.low <= t.cost.value <= t.cost.high and t.cost.value > 0
+        remitted = t.remission.value * t.patients
+        assert t.cost_per_remission == pytest.approx(t.cost.value * t.patients / remitted, rel=1e-9)
+        assert t.cost_per_phq9_point > 0 and 0 <= t.side_effects.value <= 10
+    assert everything.cost.low > 2 * stard.cost.high
+    assert everything.side_effects.low > stard.side_effects.high

@@ -43,8 +43,8 @@ def test_lean_mixes_in_the_preferred_action_where_allowed(states):
 
 def test_zoo_members_differ_in_true_value_in_the_documented_order():
     zoo = {p.name: p for p in policy_zoo()}
-    names = ("stard_lean_switch_class_0.05", "stard_eps0.1", "stard_lean_psychotherapy_0.1_refer_0.05")
-    low, mid, high = (rollout(zoo[name], 2000, seed=3).value for name in names)
+    names = ("stard_lean_switch_class_0.05", "stard_eps0.1", "stard_lean_digital_guided_0.05")
+    low, mid, high = (rollout(zoo[name], 8000, seed=3).value for name in names)
     assert low.high < mid.low and mid.high < high.low
 
 
@@ -70,7 +70,8 @@ def test_the_identifiable_zoo_is_overlapped_by_the_log_and_the_stress_zoo_is_not
     identifiable = {p.name: ess(p) for p in policy_zoo()}
     assert min(identifiable.values()) >= 0.02 * n, identifiable
     stress = {p.name: ess(p) for p in ZOOS["stress"]()}
-    assert stress["random"] < 0.005 * n, stress
+    # (under 1 %: since spec 2 more patients leave care early, and a short episode matches any policy)
+    assert stress["random"] < 0.01 * n, stress
     assert sorted(stress.values())[len(stress) // 2] < sorted(identifiable.values())[0]
 
 

@@ -1,5 +1,6 @@
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from envs.spec import ACTION_NAMES, FEATURE_BOUNDS, FEATURE_NAMES, MASK_PREFIX, MASKABLE_FEATURES, N_ACTIONS
 from offline_data import schema
@@ -65,3 +66,12 @@ def test_arrow_schema_follows_column_order():
     arrow = schema.arrow_schema(["t", "patient_id", "reward"], {"seed": 1}, {"ethnicity": pa.string()})
     assert arrow.names == ["patient_id", "t", "reward", "ethnicity"]
     assert schema.decode_metadata(arrow.metadata) == {"seed": 1}
+
+
+def test_a_log_of_an_older_spec_version_is_refused_naming_the_version():
+    from envs.spec import SPEC_VERSION
+    from offline_data.schema import META_SPEC_VERSION, check_compatible
+
+    with pytest.raises(ValueError, match=rf"log\.parquet: written for spec version 1, this carepath reads spec "
+                                         rf"version {SPEC_VERSION} \(.*taper_antidepressant.*\); regenerate"):
+        check_compatible({META_SPEC_VERSION: 1}, "log.parquet")

@@ -142,3 +142,20 @@ def test_existing_bundle_is_not_overwritten_by_accident(tmp_path):
         save_bundle(path, net, manifest)
     save_bundle(path, net, manifest, overwrite=True)
     assert isinstance(load(path), BundlePolicy) and load(path).name == "again"
+
+
+def test_a_bundle_of_an_older_spec_version_is_refused_naming_the_version(tmp_path):
+    from envs.spec import SPEC_VERSION
+    from policies import BundleError, load
+    from policies.bundle import BundleManifest, save_bundle
+    from policies.networks import NetworkSpec, PolicyNetwork
+
+    net = PolicyNetwork(NetworkSpec(N_FEATURES, N_ACTIONS, hidden=(8,), output="q_values"))
+    torch.manual_seed(0)
+    folder = save_bundle(tmp_path / "b", net, BundleManifest(algorithm="cql", name="b", network=net.spec))
+    manifest = json.loads((folder / "bundle.json").read_text())
+    manifest["spec_version"] = SPEC_VERSION - 1
+    (folder / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=rf"bundle spec version {SPEC_VERSION - 1}, this carepath serves spec "
+                                          rf"version {SPEC_VERSION} \(version 2 added the action taper_antidepressant"):
+        load(folder)

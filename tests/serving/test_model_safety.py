@@ -217,7 +217,9 @@ def test_patient_view_endpoint_card_is_safe_for_every_item9(served_agents: dict[
 # ------------------------------------------------------------------ adversarial: rule boundaries
 
 
-#: PATIENT blocks nothing (every rule feature given); each case changes a few features and says,
+TAPER = "taper_antidepressant"
+
+#: PATIENT blocks nothing but the taper (every rule feature given); each case changes a few features and says,
 #: independently of envs.rules, which actions must be blocked.
 BOUNDARIES: dict[str, tuple[dict[str, Any], frozenset[str]]] = {
     "nothing_blocked": ({}, frozenset()),
@@ -239,6 +241,11 @@ BOUNDARIES: dict[str, tuple[dict[str, Any], frozenset[str]]] = {
     "in_psychotherapy": ({"on_psychotherapy": 1}, frozenset({"add_psychotherapy"})),
     "in_specialist_care": ({"in_specialist_care": 1}, frozenset({REFER})),
     "item9_1": ({"phq9_item9": 1}, frozenset()),
+    # a taper needs 26 weeks of sustained remission on an antidepressant
+    "weeks_well_25": ({"weeks_well": 25, "phq9": 3}, frozenset({TAPER})),
+    "weeks_well_26": ({"weeks_well": 26, "phq9": 3}, frozenset()),
+    "weeks_well_26_no_drug": ({"weeks_well": 26, "phq9": 3, "dose_level": 0},
+                              frozenset({"raise_dose", "switch_within_class", "augment", TAPER})),
     "item9_2": ({"phq9_item9": 2}, ALL_BUT_REFERRAL),
     "item9_3_in_specialist_care": ({"phq9_item9": 3, "in_specialist_care": 1}, ALL_BUT_REFERRAL),
     "item9_2_every_rule_on": ({"phq9_item9": 2, "in_specialist_care": 1, "dose_level": 0, "weeks_on_step": 0,
@@ -254,6 +261,8 @@ BOUNDARIES: dict[str, tuple[dict[str, Any], frozenset[str]]] = {
 @pytest.mark.parametrize("case", list(BOUNDARIES))
 def test_rule_boundaries_for_every_agent(served_agents: dict[str, Recommender], name: str, case: str) -> None:
     changes, must_block = BOUNDARIES[case]
+    if "weeks_well" not in changes:  # PATIENT is not in sustained remission: no taper yet
+        must_block = must_block | {TAPER}
     features = {**PATIENT, **changes}
     recommender = served_agents[name]
     for top_k in (1, 3, N_ACTIONS):

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from carepath.cli import main
+from envs.spec import N_ACTIONS, N_FEATURES
 from serving.auth import TokenStore
 from serving.db import FeedbackRecord, RecommendationRecord, make_engine
 from tests.serving.conftest import PATIENT, Served
@@ -116,7 +117,8 @@ def test_policies_lists_the_served_policy_with_its_evaluation(served: Served) ->
     r = served.client.get("/v1/policies", headers=served.headers)
     assert r.status_code == 200
     (policy,) = r.json()
-    assert policy["name"] == "serving-test-policy" and len(policy["features"]) == 31 and len(policy["actions"]) == 10
+    assert policy["name"] == "serving-test-policy"
+    assert len(policy["features"]) == N_FEATURES and len(policy["actions"]) == N_ACTIONS
     assert policy["evaluation_summary"]
 
 
