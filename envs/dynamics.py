@@ -137,7 +137,8 @@ class S(IntEnum):
     COST = 93  # cumulative cost of care so far (GBP, envs.params cost model)
     RELAPSES = 94  # relapses so far
     W_WELL = 95  # weeks since the patient became well (WELL)
-    N_STATE = 96
+    NUDGES = 96  # recent engagement nudges (decaying count): repeated prompts lose effect
+    N_STATE = 97
 
 
 N_STATE = int(S.N_STATE)
@@ -160,6 +161,7 @@ LEVEL, W_STEP, T, NS_RESP, O_PHQ0 = int(S.LEVEL), int(S.W_STEP), int(S.T), int(S
 Z_DRUG, Z_AUG, Z_PSY, Z_DIG, TRIED = int(S.Z_DRUG), int(S.Z_AUG), int(S.Z_PSY), int(S.Z_DIG), int(S.TRIED)
 O_WELL, WELL, WAIT_PSY, WAIT_REF, W_OFF = int(S.O_WELL), int(S.WELL), int(S.WAIT_PSY), int(S.WAIT_REF), int(S.W_OFF)
 LAST_CLASS, COST, RELAPSES, W_WELL = int(S.LAST_CLASS), int(S.COST), int(S.RELAPSES), int(S.W_WELL)
+NUDGES = int(S.NUDGES)
 DRUGS_PER_CLASS = 3
 O_PHQ, O_ITEM9, O_GAD, O_WSM, O_PHQ_H1 = (int(S.O_PHQ), int(S.O_ITEM9), int(S.O_GAD), int(S.O_WSM),
                                           int(S.O_PHQ_H1))
@@ -328,6 +330,8 @@ class KernelParams(NamedTuple):
     relapse_grace: float
     adh_decline_well: float
     psy_support: float
+    nudge_habituation: float
+    nudge_memory: float
 
 # Offsets of each KernelParams field in the flat parameter array the kernel reads
 # (tuple fields take consecutive slots). Checked against KernelParams below.
@@ -434,7 +438,9 @@ K_NONDRUG_RESIST = 125
 K_RELAPSE_GRACE = 126
 K_ADH_DECLINE_WELL = 127
 K_PSY_SUPPORT = 128
-N_KERNEL_PARAMS = 129
+K_NUDGE_HABITUATION = 129
+K_NUDGE_MEMORY = 130
+N_KERNEL_PARAMS = 131
 
 
 def _z(prob: float) -> float:
@@ -504,7 +510,7 @@ def _named_kernel_params(params: SimParams, settings: EnvSettings) -> KernelPara
          costs.weekly_digital_unguided, costs.weekly_specialist),
         costs.psychotherapy_course_weeks, costs.digital_course_weeks,
         c.relapse_unresolved_coef, r.nondrug_resistance_weight, c.relapse_grace_weeks,
-        t.adherence_decline_when_well, e.psychotherapy_support_share,
+        t.adherence_decline_when_well, e.psychotherapy_support_share, e.nudge_habituation, e.nudge_memory,
     )
 
 
@@ -642,9 +648,12 @@ def _apply_action(s: FloatArray, a: int, k: FloatArray) -> None:
         s[DIG_ENG] = max(s[ENG], k[K_DIG_START])
         s[R_DIG] = 1.0 if s[Z_DIG] > k[K_Z_DIG] + k[K_NONDRUG_RESIST] * k[K_PER_FAIL] * s[FAILS] else 0.0
     elif a == A_NUDGE:
-        s[ENG] += k[K_NUDGE] * (1.0 - s[ENG])
+        # repeated prompts lose their effect: the boost shrinks with recent nudges
+        boost = k[K_NUDGE] / (1.0 + k[K_NUDGE_HABITUATION] * s[NUDGES])
+        s[NUDGES] += 1.0
+        s[ENG] += boost * (1.0 - s[ENG])
         if s[DIG] > 0:
-            s[DIG_ENG] += k[K_NUDGE] * (1.0 - s[DIG_ENG])
+            s[DIG_ENG] += boost * (1.0 - s[DIG_ENG])
     elif a == A_REFER:
         if s[REF] == 0:
             s[REF] = 1.0
@@ -668,12 +677,18 @@ def _treatment_factor(s: FloatArray, k: FloatArray) -> float:
         if s[AUG] > 0:
             size = k[K_AUG_RESP] if s[R_AUG] > 0 else k[K_AUG_PARTIAL]
             left *= 1.0 - size * adherence * _onset(s[W_AUG], k[K_TAU_AUG])
+    # Face-to-face and digital CBT are one psychological treatment delivered
+    # two ways: when both run, the larger effect counts, they do not stack
+    # (digital CBT is offered as an alternative or a step before therapy,
+    # NICE NG222; Karyotaki 2021 found guided iCBT comparable to face-to-face)
+    psychological = 0.0
     if s[PSY] > 0:  # works through attendance
         size = k[K_PSY_RESP] if s[R_PSY] > 0 else k[K_PSY_PARTIAL]
-        left *= 1.0 - size * min(s[ENG] / 0.7, 1.0) * _onset(max(s[W_PSY], 0.0), k[K_TAU_PSY])
+        psychological = size * min(s[ENG] / 0.7, 1.0) * _onset(max(s[W_PSY], 0.0), k[K_TAU_PSY])
     if s[DIG] > 0:  # works through engagement with the programme
         size = k[K_DIG_RESP] if s[R_DIG] > 0 else k[K_DIG_PARTIAL]
-        left *= 1.0 - size * s[DIG_ENG] * _onset(s[W_DIG], k[K_TAU_DIG])
+        psychological = max(psychological, size * s[DIG_ENG] * _onset(s[W_DIG], k[K_TAU_DIG]))
+    left *= 1.0 - psychological
     if s[REF] > 0:
         left *= 1.0 - k[K_SPEC_EFFECT] * _onset(max(s[W_REF], 0.0), k[K_TAU_SPEC])
     size = k[K_NS_RESP] if s[NS_RESP] > 0 else k[K_NS_PARTIAL]
@@ -823,6 +838,7 @@ def _step_row(
     s[W_REF] += s[REF]
     if s[W_OFF] >= 0:
         s[W_OFF] += 1.0
+    s[NUDGES] *= k[K_NUDGE_MEMORY]
     psy_active = s[PSY] > 0 and s[W_PSY] > 0  # past the wait
     ref_active = s[REF] > 0 and s[W_REF] > 0
 

@@ -120,6 +120,8 @@ class Engagement:
     digital_dropout_base_guided: float
     human_support: float
     psychotherapy_support_share: float
+    nudge_habituation: float
+    nudge_memory: float
 
 
 @dataclass(frozen=True)
@@ -321,6 +323,8 @@ _RANGES: tuple[tuple[str, str, float, float], ...] = (
     ("services", r".*", 0.0, 520.0),
     (r".*", r"(relapse_hazard|relapse_hazard_on_treatment|spontaneous_remission_hazard)", 0.0, 1.0),
     ("tolerability", "adherence_full_effect", 1e-3, 1.0),  # a divisor
+    ("engagement", "nudge_memory", 0.0, 1.0),
+    ("engagement", "nudge_habituation", 0.0, 100.0),
     (r".*", r".*(_prob|_probs|_share|_correlation|_rate|_full_effect|_factor)|digital_access.*", 0.0, 1.0),
     (r".*", r"class_effect", 0.0, 2.0),  # relative size of each drug class
     (r".*", r"onset_tau_.*|.*_tau", 1e-3, 520.0),

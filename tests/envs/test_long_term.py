@@ -271,3 +271,22 @@ def test_waits_have_the_configured_mean(params):
     assert state[:, S.WAIT_PSY].mean() == pytest.approx(svc.psychotherapy_wait_mean_weeks, rel=0.03)
     assert state[:, S.WAIT_REF].mean() == pytest.approx(svc.specialist_wait_mean_weeks, rel=0.03)
     assert state[:, S.WAIT_PSY].min() == 0 and np.all(state[:, S.WAIT_PSY] == np.round(state[:, S.WAIT_PSY]))
+
+
+def test_repeated_nudges_lose_their_effect(params):
+    """A nudge every week keeps less engagement than the first nudge's boost would suggest."""
+    settings = EnvSettings()
+    state = D.initial_state(2000, params, settings, np.random.default_rng(16))
+    state[:, S.ENG] = state[:, S.ENG_BASE] = 0.5
+    rng = np.random.default_rng(17)
+    first = D.step(state, np.full(2000, int(Action.ENGAGEMENT_NUDGE)), params, settings, rng).state
+    s = first
+    for _ in range(10):
+        before = s
+        s = D.step(s, np.full(2000, int(Action.ENGAGEMENT_NUDGE)), params, settings, rng).state
+    nudged = (s[:, S.DROPPED] == 0) & (s[:, S.NUDGES] > 3.0)  # (item 9 >= 2 turns a nudge into referral)
+    assert nudged.mean() > 0.7
+    boost = params.engagement.nudge_boost
+    # the eleventh nudge closes far less of the gap than the first did
+    late = boost / (1.0 + params.engagement.nudge_habituation * before[nudged, S.NUDGES])
+    assert np.all(late < 0.3 * boost)
