@@ -501,7 +501,7 @@ def _named_kernel_params(params: SimParams, settings: EnvSettings) -> KernelPara
         m.steps_mean, m.steps_severity_coef, m.steps_noise_sd,
         float(settings.observation_noise), float(settings.missingness), float(settings.wearables),
         w["improvement"], w["remission"], w["side_effects"], w["dropout"], w["cost"], w["invalid_action"],
-        tuple({**params.costs.action_costs(), **settings.action_costs}[name] for name in ACTION_NAMES),
+        tuple({**costs.action_costs(), **settings.action_costs}[name] for name in ACTION_NAMES),
         c.relapse_per_failed_step, c.relapse_residual_coef, c.episode_resolution_rate, c.resolved_share,
         c.well_response_share,
         t.discontinuation_side_effects, t.discontinuation_tau, t.complexity_adherence_loss,
@@ -530,6 +530,18 @@ def _sigmoid(x: float) -> float:
 @numba.njit(cache=True, error_model="numpy")
 def _clip(x: float, lo: float, hi: float) -> float:
     return min(max(x, lo), hi)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _se_fade(weeks: float, k: FloatArray) -> float:
+    """Share of a drug's side effects left ``weeks`` after it started: early ones fade."""
+    return k[K_SE_PERSIST] + (1.0 - k[K_SE_PERSIST]) * math.exp(-weeks / k[K_SE_TAU])
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _specialist_started(s: FloatArray) -> bool:
+    """In specialist care and past the wait for it."""
+    return s[REF] > 0 and s[W_REF] > 0
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -727,7 +739,7 @@ def _measure(s: FloatArray, k: FloatArray, nrm: Noise, unf: Noise, intake: bool)
         s[O_PHQ] = phq
         s[O_GAD] = _clip(round(s[ANX] + noise * k[K_GAD_SD] * nrm[3]), 0.0, 21.0)
         # specialist care lowers suicidality once it has started (not while waiting)
-        in_specialist = 1.0 if s[REF] > 0 and s[W_REF] > 0 else 0.0
+        in_specialist = 1.0 if _specialist_started(s) else 0.0
         latent = k[K_I9_BASE] + k[K_I9_SEV] * (s[SEV] - 14.0) + s[SUIC] - k[K_I9_SPEC] * in_specialist + nrm[4]
         item9 = 0.0
         for j in range(3):
@@ -840,7 +852,7 @@ def _step_row(
         s[W_OFF] += 1.0
     s[NUDGES] *= k[K_NUDGE_MEMORY]
     psy_active = s[PSY] > 0 and s[W_PSY] > 0  # past the wait
-    ref_active = s[REF] > 0 and s[W_REF] > 0
+    ref_active = _specialist_started(s)
 
     # natural course: spontaneous remission (not in chronic episodes)
     if s[CHRON] == 0 and unf[0] < k[K_SR_HAZARD]:
@@ -888,11 +900,9 @@ def _step_row(
     # stopping a drug brings transient discontinuation symptoms
     side = 0.0
     if on_drug:
-        fade = k[K_SE_PERSIST] + (1.0 - k[K_SE_PERSIST]) * math.exp(-s[W_DOSE] / k[K_SE_TAU])
         # early side effects of an augmenting drug fade as a new drug's do
-        fade_aug = k[K_SE_PERSIST] + (1.0 - k[K_SE_PERSIST]) * math.exp(-s[W_AUG] / k[K_SE_TAU])
-        side = (k[K_CLASS_SE + int(s[DRUG_CLASS])] * s[DOSE] / MAX_DOSE_LEVEL * fade
-                + k[K_AUG_SE] * s[AUG] * fade_aug)
+        side = (k[K_CLASS_SE + int(s[DRUG_CLASS])] * s[DOSE] / MAX_DOSE_LEVEL * _se_fade(s[W_DOSE], k)
+                + k[K_AUG_SE] * s[AUG] * _se_fade(s[W_AUG], k))
     elif s[W_OFF] >= 0:
         side = k[K_DISC_SE] * math.exp(-s[W_OFF] / k[K_DISC_TAU])
     s[SIDE_EFF] = _clip(side * s[SE_SENS], 0.0, 10.0)

@@ -11,17 +11,16 @@ forward in STAR*D, non-responders in the meta-analyses.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 from envs import dynamics as D
-from envs.cohort import CohortRun, run_cohort
+from envs.cohort import ActionFn, CohortRun, run_cohort
 from envs.params import EnvSettings, SimParams, load_params
 from envs.spec import Action
-from policies.base import sample_actions
+from policies.base import Policy, sample_actions
 from policies.baselines import STARD_VISITS, StardPolicy
 
 S = D.S
@@ -90,13 +89,27 @@ def _safe_refer(mask: NDArray[np.bool_], actions: NDArray[np.int64]) -> NDArray[
     return np.where(mask[np.arange(len(mask)), actions], actions, int(Action.REFER_SPECIALIST))
 
 
-def scripted(schedule: dict[int, Action]) -> Callable[[NDArray[np.float32], NDArray[np.bool_], int], NDArray[np.int64]]:
+def as_protocol(mask: NDArray[np.bool_], actions: NDArray[np.int64]) -> NDArray[np.int64]:
+    """A trial arm's planned actions as given: a blocked step becomes continue, and
+    a patient with suicidal thoughts is referred whatever the arm."""
+    allowed = np.where(mask[np.arange(len(mask)), actions], actions, int(Action.CONTINUE))
+    return _safe_refer(mask, allowed)
+
+
+def policy_arm(policy: Policy, rng: np.random.Generator) -> ActionFn:
+    """A trial arm that follows ``policy``, sampling its actions with ``rng``."""
+
+    def act(obs: NDArray[np.float32], mask: NDArray[np.bool_], week: int) -> NDArray[np.int64]:
+        return sample_actions(policy, obs, mask, rng)[0]
+
+    return act
+
+
+def scripted(schedule: dict[int, Action]) -> ActionFn:
     """A trial arm: ``schedule[week]`` is done at that week, otherwise continue."""
 
     def act(obs: NDArray[np.float32], mask: NDArray[np.bool_], week: int) -> NDArray[np.int64]:
-        a = np.full(len(obs), int(schedule.get(week, Action.CONTINUE)), dtype=np.int64)
-        a = np.where(mask[np.arange(len(obs)), a], a, int(Action.CONTINUE))
-        return _safe_refer(mask, a)
+        return as_protocol(mask, np.full(len(obs), int(schedule.get(week, Action.CONTINUE)), dtype=np.int64))
 
     return act
 
@@ -109,12 +122,7 @@ def rct_eligible(state: NDArray[np.float64]) -> NDArray[np.bool_]:
 
 
 def _stard_targets(params: SimParams, n: int, seed: int) -> list[Target]:
-    policy = StardPolicy()
-    rng = np.random.default_rng(seed + 1)
-
-    def act(obs: NDArray[np.float32], mask: NDArray[np.bool_], week: int) -> NDArray[np.int64]:
-        return sample_actions(policy, obs, mask, rng)[0]
-
+    act = policy_arm(StardPolicy(), np.random.default_rng(seed + 1))
     weeks = 4 * 14 + 6
     run = run_cohort(act, n, weeks, seed=seed, params=params, settings=EnvSettings(horizon=weeks),
                      record=(S.SEV, S.LEVEL, S.W_STEP, S.DROPPED))

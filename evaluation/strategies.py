@@ -31,9 +31,9 @@ from envs import dynamics as D
 from envs.cohort import ActionFn, CohortRun, run_cohort, run_from
 from envs.params import EnvSettings, SimParams
 from envs.spec import Action
-from evaluation.calibration import Target, _assess, _last_index, _safe_refer, rct_eligible
+from evaluation.calibration import Target, _assess, _last_index, as_protocol, policy_arm, rct_eligible, scripted
 from evaluation.ground_truth import rollout
-from policies.base import Policy, sample_actions
+from policies.base import Policy
 from policies.baselines import RandomPolicy, StardPolicy
 from policies.strategies import AddEverythingPolicy, SwitchEveryTwoWeeksPolicy
 
@@ -42,37 +42,19 @@ RELAPSE_AT_LEAST = 10.0
 _RECORD = (S.SEV, S.LEVEL, S.W_STEP, S.DROPPED)
 
 
-def _policy_fn(policy: Policy, seed: int) -> ActionFn:
-    rng = np.random.default_rng([seed, 7])
+def _stard_arm(seed: int) -> ActionFn:
+    """STAR*D-style care without a taper, as STAR*D's naturalistic follow-up kept treatment."""
+    return policy_arm(StardPolicy(taper=False), np.random.default_rng([seed, 7]))
+
+
+def _then(first: Action, after: ActionFn) -> ActionFn:
+    """A trial arm: ``first`` at randomisation (week 0), then ``after``."""
+    start = scripted({0: first})
 
     def act(obs: NDArray[np.float32], mask: NDArray[np.bool_], week: int) -> NDArray[np.int64]:
-        return sample_actions(policy, obs, mask, rng)[0]
+        return start(obs, mask, week) if week == 0 else after(obs, mask, week)
 
     return act
-
-
-def _then(first: Callable[[NDArray[np.float32], NDArray[np.bool_]], NDArray[np.int64]],
-          after: ActionFn, switch_week: int = 1) -> ActionFn:
-    """A trial arm: ``first`` decides the weeks before ``switch_week``, then ``after``."""
-
-    def act(obs: NDArray[np.float32], mask: NDArray[np.bool_], week: int) -> NDArray[np.int64]:
-        if week < switch_week:
-            return _safe_refer(mask, first(obs, mask))
-        return after(obs, mask, week)
-
-    return act
-
-
-def _all(action: Action) -> Callable[[NDArray[np.float32], NDArray[np.bool_]], NDArray[np.int64]]:
-    def first(obs: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.int64]:
-        a = np.full(len(obs), int(action), dtype=np.int64)
-        return np.where(mask[np.arange(len(obs)), a], a, int(Action.CONTINUE))
-
-    return first
-
-
-def _continue_only(obs: NDArray[np.float32], mask: NDArray[np.bool_], week: int) -> NDArray[np.int64]:
-    return _safe_refer(mask, np.zeros(len(obs), dtype=np.int64))
 
 
 def _settings(weeks: int) -> EnvSettings:
@@ -100,7 +82,7 @@ def _stard_followup(params: SimParams, n: int, seed: int) -> list[Target]:
     by the number of steps needed (Rush 2006, Am J Psychiatry)."""
     follow = 52
     weeks = 4 * 14 + 6 + follow
-    run = run_cohort(_policy_fn(StardPolicy(taper=False), seed), n, weeks, seed=seed, params=params,
+    run = run_cohort(_stard_arm(seed), n, weeks, seed=seed, params=params,
                      settings=_settings(weeks), record=_RECORD)
     sev, level, wstep = run.column(S.SEV), run.column(S.LEVEL), run.column(S.W_STEP)
     valid = run.active
@@ -166,7 +148,7 @@ def _maintenance(params: SimParams, n: int, seed: int, *, run_in: int, every: in
                  ) -> tuple[float, float, int]:
     """Patients well on an antidepressant after ``run_in`` weeks of STAR*D-style care
     (no taper), randomised to continue or to taper and stop; relapse over 52 weeks."""
-    run = run_cohort(_policy_fn(StardPolicy(taper=False), seed), n, run_in, seed=seed, params=params,
+    run = run_cohort(_stard_arm(seed), n, run_in, seed=seed, params=params,
                      settings=_settings(run_in), record=(S.SEV,))
     state = run.final_state
     score = _assess(state[:, S.SEV], params, seed + 3)
@@ -176,7 +158,7 @@ def _maintenance(params: SimParams, n: int, seed: int, *, run_in: int, every: in
     rates = []
     if not len(state):
         return float("nan"), float("nan"), 0
-    for arm in (_continue_only, _then(_all(Action.TAPER_ANTIDEPRESSANT), _continue_only)):
+    for arm in (scripted({}), scripted({0: Action.TAPER_ANTIDEPRESSANT})):
         arm_run = run_from(state, arm, follow, rng=np.random.default_rng([seed, 11]), params=params,
                            settings=_settings(follow), record=(S.SEV, S.DRUG_CLASS))
         rates.append(float(_relapsed(arm_run, params, seed + 4, every).mean()))
@@ -216,7 +198,7 @@ def _maintenance_targets(params: SimParams, n: int, seed: int) -> list[Target]:
 def _level1_nonremitters(params: SimParams, n: int, seed: int) -> NDArray[np.float64]:
     """STAR*D level 1 (citalopram, measurement-based dosing) for 12 weeks; those
     still on level 1, in care and not in remission enter level 2."""
-    run = run_cohort(_policy_fn(StardPolicy(taper=False), seed), n, 12, seed=seed, params=params,
+    run = run_cohort(_stard_arm(seed), n, 12, seed=seed, params=params,
                      settings=_settings(12), record=(S.SEV,))
     state = run.final_state
     score = _assess(state[:, S.SEV], params, seed + 5)
@@ -226,7 +208,7 @@ def _level1_nonremitters(params: SimParams, n: int, seed: int) -> NDArray[np.flo
 
 def _second_step(params: SimParams, state: NDArray[np.float64], first: Action, seed: int,
                  weeks: int = 12) -> CohortRun:
-    arm = _then(_all(first), _policy_fn(StardPolicy(taper=False), seed))
+    arm = _then(first, _stard_arm(seed))
     return run_from(state, arm, weeks, rng=np.random.default_rng([seed, 13]), params=params,
                     settings=_settings(weeks), record=(S.SEV,))
 
@@ -270,7 +252,7 @@ def _emc_targets(params: SimParams, n: int, seed: int) -> list[Target]:
     early change (venlafaxine at once, lithium at day 28 if still not improved)
     vs staying the course (escitalopram; venlafaxine at day 28 if no response);
     remission at day 56."""
-    run = run_cohort(lambda o, m, w: _continue_only(o, m, w), n, 2, seed=seed, params=params,
+    run = run_cohort(scripted({}), n, 2, seed=seed, params=params,
                      settings=EnvSettings(horizon=2, initial_treatment="ssri"), record=(S.SEV,),
                      eligible=rct_eligible)
     sev = run.column(S.SEV)
@@ -287,7 +269,7 @@ def _emc_targets(params: SimParams, n: int, seed: int) -> list[Target]:
             a[:] = np.where(phq > 0.8 * intake, Action.AUGMENT, Action.RAISE_DOSE)
         elif week == 4:
             a[:] = Action.RAISE_DOSE
-        return _safe_refer(mask, np.where(mask[np.arange(len(a)), a], a, 0))
+        return as_protocol(mask, a)
 
     def tau(obs: NDArray[np.float32], mask: NDArray[np.bool_], week: int) -> NDArray[np.int64]:
         phq = obs[:, 0]
@@ -296,7 +278,7 @@ def _emc_targets(params: SimParams, n: int, seed: int) -> list[Target]:
             a[:] = np.where(phq > 0.5 * intake, Action.SWITCH_CLASS, Action.CONTINUE)
         elif week == 4:
             a[:] = Action.RAISE_DOSE
-        return _safe_refer(mask, np.where(mask[np.arange(len(a)), a], a, 0))
+        return as_protocol(mask, a)
 
     rates = []
     for arm in (emc, tau):

@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from envs.spec import FEATURE_INDEX, N_ACTIONS, Action
 from policies.base import BoolArray, FloatArray, Policy, check_inputs
-from policies.baselines import _item9_override
+from policies.baselines import _item9_override, _one_hot
 
 #: The order in which ``add_everything`` adds treatments.
 ADD_ORDER: tuple[Action, ...] = (
@@ -68,9 +68,7 @@ class SwitchEveryTwoWeeksPolicy:
     def action_probs(self, obs: NDArray[np.floating], mask: BoolArray) -> FloatArray:
         obs, mask = check_inputs(obs, mask)
         probs = _first_allowed(mask, (Action.SWITCH_CLASS,))
-        remitted = obs[:, FEATURE_INDEX["phq9"]] < 5
-        probs[remitted] = 0.0
-        probs[remitted, Action.CONTINUE] = 1.0
+        _one_hot(obs[:, FEATURE_INDEX["phq9"]] < 5, Action.CONTINUE, probs)  # remitted
         return _item9_override(obs, mask, probs)
 
 
