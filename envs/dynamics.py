@@ -588,6 +588,13 @@ def _observe_kernel(
 
 
 @numba.njit(cache=True, error_model="numpy")
+def _responds(z: float, threshold: float, s: FloatArray, k: FloatArray, resistance_weight: float) -> float:
+    """1 when the latent draw ``z`` clears the responder threshold, raised by every
+    failed step (``resistance_weight`` scales the shift for non-drug treatments)."""
+    return 1.0 if z > threshold + resistance_weight * k[K_PER_FAIL] * s[FAILS] else 0.0
+
+
+@numba.njit(cache=True, error_model="numpy")
 def _drug_responder(s: FloatArray, k: FloatArray, again: bool = False) -> float:
     """Responder to a newly started drug: class latent + this drug's latent vs a
     threshold that rises with every failed step (treatment resistance builds up).
@@ -600,7 +607,7 @@ def _drug_responder(s: FloatArray, k: FloatArray, again: bool = False) -> float:
         s[TRIED + cls] += 1.0
     z = s[Z_DRUG + DRUGS_PER_CLASS * cls + slot]
     latent = math.sqrt(k[K_RHO_CLASS]) * s[U_CLASS + cls] + math.sqrt(1.0 - k[K_RHO_CLASS]) * z
-    return 1.0 if latent > k[K_Z_DRUG] + k[K_PER_FAIL] * s[FAILS] else 0.0
+    return _responds(latent, k[K_Z_DRUG], s, k, 1.0)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -646,19 +653,19 @@ def _apply_action(s: FloatArray, a: int, k: FloatArray) -> None:
         elif a == A_AUGMENT:
             s[AUG] = 1.0
             s[W_AUG] = 0.0
-            s[R_AUG] = 1.0 if s[Z_AUG] > k[K_Z_AUG] + k[K_PER_FAIL] * s[FAILS] else 0.0
+            s[R_AUG] = _responds(s[Z_AUG], k[K_Z_AUG], s, k, 1.0)
         else:
             s[PSY] = 1.0
             s[W_PSY] = -s[WAIT_PSY]  # referred now, therapy starts after this patient's wait
             # treatment resistance is general: failed drug steps lower the chance of
             # responding to psychotherapy too (STAR*D level 2: cognitive therapy
             # remitted no more often than medication, Thase 2007)
-            s[R_PSY] = 1.0 if s[Z_PSY] > k[K_Z_PSY] + k[K_NONDRUG_RESIST] * k[K_PER_FAIL] * s[FAILS] else 0.0
+            s[R_PSY] = _responds(s[Z_PSY], k[K_Z_PSY], s, k, k[K_NONDRUG_RESIST])
     elif a == A_DIG_GUIDED or a == A_DIG_UNGUIDED:
         s[DIG] = 1.0 if a == A_DIG_GUIDED else 2.0
         s[W_DIG] = 0.0
         s[DIG_ENG] = max(s[ENG], k[K_DIG_START])
-        s[R_DIG] = 1.0 if s[Z_DIG] > k[K_Z_DIG] + k[K_NONDRUG_RESIST] * k[K_PER_FAIL] * s[FAILS] else 0.0
+        s[R_DIG] = _responds(s[Z_DIG], k[K_Z_DIG], s, k, k[K_NONDRUG_RESIST])
     elif a == A_NUDGE:
         # repeated prompts lose their effect: the boost shrinks with recent nudges
         boost = k[K_NUDGE] / (1.0 + k[K_NUDGE_HABITUATION] * s[NUDGES])

@@ -33,7 +33,7 @@ BoolArray = NDArray[np.bool_]
 MIN_WEEKS_BEFORE_CHANGE = 2
 
 #: Weeks of sustained remission before an antidepressant may be tapered and
-#: stopped: at least 6 months after remission (NICE NG222 2022, rec. 1.9.1;
+#: stopped: at least 6 months after remission (NICE NG222 2022, section 1.8, preventing relapse;
 #: CANMAT 2023: 6-12 months for patients at low risk of recurrence).
 MIN_WEEKS_WELL_BEFORE_TAPER = 26
 

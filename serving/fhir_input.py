@@ -87,6 +87,9 @@ ANTIDEPRESSANT_NAMES: Final[frozenset[str]] = frozenset({
 _WEEK: Final = timedelta(weeks=1)
 #: "About 4 weeks before": the earlier PHQ-9 must be at least this much older.
 CHANGE_MIN_GAP: Final = timedelta(weeks=3)
+#: Sustained remission (feature weeks_well): from a PHQ-9 below 5 (Kroenke 2001) until one of 10 or more.
+REMISSION_BELOW: Final = 5.0
+REMISSION_LOST: Final = 10.0
 _SKIPPED_STATUSES: Final = frozenset({"entered-in-error", "cancelled"})
 _AGE_BAND_STARTS: Final = (18, 30, 45, 60)
 _PATIENT_IN_REFERENCE: Final = re.compile(r"(?:^|/)Patient/([^/]+)(?:/_history/[^/]+)?$")
@@ -404,6 +407,7 @@ def _score_features(collected: _Collected, now: datetime, features: dict[str, fl
                          f"{_weeks(latest.when, before.when):g} weeks earlier.")
         else:
             notes.append("No PHQ-9 total at least 3 weeks before the latest: the 4-week change is imputed.")
+        _sustained_remission(phq9, now, features, notes)
 
     item9 = by_code[PHQ9_ITEM9]
     if item9:
@@ -415,6 +419,25 @@ def _score_features(collected: _Collected, now: datetime, features: dict[str, fl
         notes.append(f"GAD-7 {_n(gad7[-1].value)}, measured {_ago(now, gad7[-1].when)}.")
     else:
         notes.append(f"No GAD-7 total (LOINC {GAD7_TOTAL}) in the prefetch: imputed.")
+
+
+def _sustained_remission(phq9: Sequence[Measurement], now: datetime, features: dict[str, float],
+                         notes: list[str]) -> None:
+    """``weeks_well`` as the simulator's clinician reads it: weeks since the first PHQ-9
+    below 5, a run ended only by a PHQ-9 of 10 or more. The prefetch holds the latest 20
+    totals, so a run that began before them is counted from the earliest: too few weeks,
+    the side on which the taper rule stays closed."""
+    start: datetime | None = None
+    for m in phq9:
+        if m.value >= REMISSION_LOST:
+            start = None
+        elif m.value < REMISSION_BELOW and start is None:
+            start = m.when
+    weeks = max(_weeks(now, start), 0.0) if start is not None else 0.0
+    _put(features, notes, "weeks_well", weeks)
+    if start is not None:
+        notes.append(f"In sustained remission for {weeks:g} weeks: PHQ-9 below {REMISSION_BELOW:g} since "
+                     f"{_ago(now, start)}, never {REMISSION_LOST:g} or more after (counted within the prefetch).")
 
 
 # ----------------------------------------------------------------------------- medications

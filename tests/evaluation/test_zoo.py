@@ -44,7 +44,7 @@ def test_lean_mixes_in_the_preferred_action_where_allowed(states):
 def test_zoo_members_differ_in_true_value_in_the_documented_order():
     zoo = {p.name: p for p in policy_zoo()}
     names = ("stard_lean_switch_class_0.05", "stard_eps0.1", "stard_lean_digital_guided_0.05")
-    low, mid, high = (rollout(zoo[name], 8000, seed=3).value for name in names)
+    low, mid, high = (rollout(zoo[name], 20_000, seed=3).value for name in names)
     assert low.high < mid.low and mid.high < high.low
 
 

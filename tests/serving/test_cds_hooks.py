@@ -366,6 +366,23 @@ def test_change_needs_a_total_at_least_3_weeks_earlier():
     assert features["phq9_at_intake"] == 15
 
 
+def test_weeks_well_counts_from_the_first_total_below_5_until_one_of_10_or_more():
+    def weeks_well(series: tuple[tuple[int, int], ...]) -> tuple[float, list[str]]:
+        totals = [observation(f"p{i}", "44261-6", "PHQ-9", v, NOW - timedelta(weeks=w))
+                  for i, (v, w) in enumerate(series)]
+        features, notes = features_from_prefetch({"phq9": searchset(totals)}, NOW)
+        return features["weeks_well"], notes
+
+    # remission 30 weeks ago; a noisy 7 does not end it
+    value, notes = weeks_well(((3, 0), (7, 10), (4, 20), (4, 30), (18, 40)))
+    assert value == 30 and any("sustained remission for 30 weeks" in n for n in notes)
+    # a relapse to 12 ends the run: it restarts at the next total below 5
+    assert weeks_well(((2, 0), (4, 6), (12, 10), (3, 30), (18, 40)))[0] == 6
+    # never below 5: not in remission, and the taper rule stays closed
+    value, notes = weeks_well(((6, 0), (9, 4), (16, 12)))
+    assert value == 0 and not any("sustained remission" in n for n in notes)
+
+
 def test_medication_sets_dose_to_maximum_with_a_note():
     authored = NOW - timedelta(weeks=5, days=1)
     features, notes = features_from_prefetch({"medications": searchset([sertraline(authored)])}, NOW)
