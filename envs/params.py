@@ -326,8 +326,8 @@ _RANGES: tuple[tuple[str, str, float, float], ...] = (
     ("engagement", "nudge_memory", 0.0, 1.0),
     ("engagement", "nudge_habituation", 0.0, 100.0),
     (r".*", r".*(_prob|_probs|_share|_correlation|_rate|_full_effect|_factor)|digital_access.*", 0.0, 1.0),
-    (r".*", r"class_effect", 0.0, 2.0),
-    (r".*", r".*_beta", 1e-3, 1e4),  # Beta distribution shape parameters  # relative size of each drug class
+    (r".*", r"class_effect", 0.0, 2.0),  # relative size of each drug class
+    (r".*", r".*_beta", 1e-3, 1e4),  # Beta distribution shape parameters
     (r".*", r"onset_tau_.*|.*_tau", 1e-3, 520.0),
     (r".*", r".*_sd", 0.0, 100.0),
     (r".*", r"severity_mean|severity_min|remission_threshold", 0.0, 27.0),
