@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -78,6 +79,12 @@ _CONFIG_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval.ope.fqe_iterations": _POSITIVE_INT,
     "eval.ope.fqe_updates": _POSITIVE_INT,
     "eval.ope.fqe_refits": (lambda v: is_int(v) and (v == 0 or v >= 2), "0 (no refits) or an integer of at least 2"),
+    "eval.certify.enabled": _BOOL,
+    "eval.certify.confidence": (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "eval.certify.split": (lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "eval.certify.seed": _NON_NEGATIVE_INT,
+    "eval.certify.method": (lambda v: v in ("t", "bernstein"), "'t' or 'bernstein'"),
+    "eval.certify.vignettes": _BOOL,
     "explain.enabled": _BOOL,
     "explain.background_size": _POSITIVE_INT,
     "explain.members": (lambda v: is_int(v) and v >= 2, "an integer of at least 2 (an interval needs a spread)"),
@@ -226,8 +233,9 @@ def logged_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     return dataset, provenance
 
 
-def train_offline(cfg: DictConfig, agent: Any, run_dir: Path, writer: Any) -> tuple[dict[str, Any], Any]:
-    """Train on the train split; returns the data's provenance and the validation split (for OPE)."""
+def train_offline(cfg: DictConfig, agent: Any, run_dir: Path, writer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train on the train split; returns the data's provenance and the parts: ``validation`` (for OPE),
+    ``held_out`` (every patient the policy did not train on: certification) and ``train``."""
     from agents.common.replay import replay_from_transitions
     from offline_data.dataset import split_by_patient
 
@@ -253,7 +261,9 @@ def train_offline(cfg: DictConfig, agent: Any, run_dir: Path, writer: Any) -> tu
               callback=lambda step, m: [writer.add_scalar(f"train/{k}", v, step) for k, v in m.items()],
               log_every=max(1, min(250, total // 4)), checkpoint=save_checkpoint,
               checkpoint_every=int(cfg.checkpoint_every))
-    return provenance, parts["validation"]
+    unseen = [part.patient_ids() for name, part in parts.items() if name != "train"]
+    held_out = dataset.select_patients(np.concatenate(unseen), f"{dataset.source}[held out]")
+    return provenance, {"validation": parts["validation"], "held_out": held_out, "train": parts["train"]}
 
 
 def off_policy_evaluation(cfg: DictConfig, policy: Any, validation: Any, writer: Any) -> dict[str, Any]:
@@ -271,6 +281,53 @@ def off_policy_evaluation(cfg: DictConfig, policy: Any, validation: Any, writer:
                               progress=bool(cfg.progress))
     add_scalars(writer, result, "policy")
     return dict(result.to_json())
+
+
+def record_training_patients(bundle_dir: Path, train_part: Any) -> None:
+    """Hashes of the patients that trained the policy go into the bundle: certification refuses them."""
+    from policies.bundle import TRAINING_PATIENTS_FILE, patient_hashes, update_bundle
+
+    hashes = torch.as_tensor(patient_hashes(train_part.patient_ids()))
+    update_bundle(bundle_dir, extra_tensors={TRAINING_PATIENTS_FILE: {"hash": hashes}})
+
+
+def certify_run(cfg: DictConfig, bundle_dir: Path, held_out: Any, writer: Any) -> dict[str, Any]:
+    """Certify the trained policy on the patients it did not train on, store the certificate in the
+    bundle, and set the simulator's ground truth of the certified policy beside it (``certify/*``)."""
+    from envs.params import load_params
+    from evaluation.certify.cli import NetworkPolicy, vignette_check
+    from evaluation.certify.core import CertifyConfig, certify
+    from evaluation.ground_truth import rollout
+    from policies import load
+    from policies.behaviour_model import BehaviourModel
+    from policies.bundle import BEHAVIOUR_FILE, update_bundle
+
+    c = cfg.eval.certify
+    config = CertifyConfig(confidence=float(c.confidence), split=float(c.split), seed=int(c.seed),
+                           method=str(c.method))
+    bundle = load(bundle_dir)
+    result = certify(NetworkPolicy(bundle), held_out, None, config,
+                     critical_vignettes=vignette_check() if bool(c.vignettes) else None,
+                     progress=lambda line: log.info("certify: %s", line))
+    cert = result.certificate
+    tensors = {}
+    if isinstance(result.behaviour, BehaviourModel):
+        tensors[BEHAVIOUR_FILE] = {k: torch.as_tensor(np.ascontiguousarray(v))
+                                   for k, v in result.behaviour.to_tensors().items()}
+    record = {**cert.as_dict(), "data": held_out.source}
+    certified_policy = update_bundle(bundle_dir, certificate=record, extra_tensors=tensors)
+    settings, params_kw = env_settings(cfg)
+    params = load_params(params_kw.get("params_path"), params_kw.get("param_overrides") or None)
+    truth: dict[str, Any] = rollout(certified_policy, int(cfg.eval.patients), seed=int(cfg.eval.seed),
+                                    params=params, settings=settings, progress=bool(cfg.progress)).as_dict()
+    for key, number in (("certified", float(cert.certified)), ("lower_bound_pp", cert.lower_bound),
+                        ("improvement_pp", cert.improvement), ("reward_lower_bound", cert.reward_lower_bound),
+                        ("candidate_weight", float(cert.candidate["weight"])), ("ess", float(cert.candidate["ess"])),
+                        ("first_choice_lower_bound_pp", float(cert.first_choice["lower_bound"])),
+                        ("true_remission", truth["remission"]["value"])):
+        writer.add_scalar(f"certify/{key}", number, 0)
+    log.info("certify: %s", cert.summary())
+    return {"certificate": record, "certified_policy_ground_truth": truth}
 
 
 def prepare_for_serving(cfg: DictConfig, bundle_dir: Path, validation: Any) -> None:
@@ -357,8 +414,10 @@ def main(cfg: DictConfig) -> float:
     writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
     try:
         validation = None
+        parts: dict[str, Any] = {}
         if agent_entry.kind == "offline":
-            data, validation = train_offline(cfg, agent, run_dir, writer)
+            data, parts = train_offline(cfg, agent, run_dir, writer)
+            validation = parts["validation"]
         else:
             data = train_online(cfg, agent, writer)
         log_path = Path(data["path"]) if agent_entry.kind == "offline" else None
@@ -375,11 +434,17 @@ def main(cfg: DictConfig) -> float:
             evaluation["off_policy_validation"] = off_policy_evaluation(cfg, policy, validation, writer)
         # record the evaluation in the bundle itself (re-saved atomically with the same weights)
         agent.export(bundle_dir, name=policy.name, config=resolved, data=data, evaluation=evaluation, overwrite=True)
+        if parts:
+            record_training_patients(bundle_dir, parts["train"])
         if validation is not None and cfg.explain.enabled:
             prepare_for_serving(cfg, bundle_dir, validation)
+        certification = None
+        if parts and cfg.eval.certify.enabled:
+            certification = certify_run(cfg, bundle_dir, parts["held_out"], writer)
         remission = results["policy"]["remission"]
         metrics = {"agent": agent_entry.name, "seed": int(cfg.seed), "data": data, "evaluation": results,
                    "off_policy_validation": evaluation.get("off_policy_validation"),
+                   "certification": certification,
                    "wall_time_s": round(time.perf_counter() - started, 1)}
         writer.add_hparams({"agent": agent_entry.name, "seed": int(cfg.seed),
                             "train_fraction": float(cfg.train_fraction)},

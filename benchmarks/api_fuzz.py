@@ -348,7 +348,7 @@ def make_target(bundle: Path, folder: Path) -> FuzzTarget:
     db_url = f"sqlite:///{folder / 'fuzz-audit.sqlite'}"
     token = TokenStore(make_engine(db_url)).create("fuzz-clinic")
     # no rate limit: fuzzing sends far more than 20 requests a second on one token
-    app = create_app(ServeSettings(policies=[bundle], db_url=db_url, rate_limit=0))
+    app = create_app(ServeSettings(policies=[bundle], db_url=db_url, rate_limit=0, allow_uncertified=True))
     return FuzzTarget(app, token, db_url)
 
 

@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                   "check the simulator against the published calibration targets"),
     "evaluate": ("evaluation.cli", "configure_evaluate", "run_evaluate",
                  "compare policies off-policy on logged data: estimates, intervals, fairness, report"),
+    "vignettes": ("evaluation.vignettes.cli", "configure_vignettes", "run_vignettes",
+                  "score a policy on guideline vignettes: is its first suggestion one NICE, CANMAT or APA accept?"),
+    "certify": ("evaluation.certify.cli", "configure_certify", "run_certify",
+                "certify a policy against current care from logged data, with guideline vignettes; "
+                "writes a certified bundle"),
     "data": ("offline_data.cli", "configure_data", "run_data",
              "logged data: generate under a behaviour policy, import (validate, pseudonymise), describe"),
     "prepare": ("serving.cli", "configure_prepare", "run_prepare",

@@ -27,55 +27,13 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import sparse
-from scipy.optimize import minimize
 
 from envs.spec import ACTION_NAMES, N_ACTIONS, N_FEATURES
+from policies.behaviour_model import BehaviourModel, Encoder, MaskedLogit
 
 #: Floor of an estimated probability: the schema needs (0, 1], and a weight
 #: 1/p above a million is noise anyway.
 MIN_PROB = 1e-6
-MAX_CATEGORIES = 32
-_PREDICT_BLOCK = 65_536
-
-
-@dataclass(frozen=True)
-class Encoder:
-    """Observation (+ allowed actions) -> design matrix."""
-
-    categorical: list[int]  # feature indices one-hot encoded
-    categories: list[NDArray[np.float32]]  # their values
-    continuous: list[int]
-    mean: NDArray[np.float64]
-    scale: NDArray[np.float64]
-
-    @classmethod
-    def fit(cls, obs: NDArray[np.float32]) -> Encoder:
-        categorical, categories, continuous = [], [], []
-        for j in range(obs.shape[1]):
-            values = np.unique(obs[:, j])
-            if len(values) <= MAX_CATEGORIES and np.all(values == np.round(values)):
-                if len(values) > 1:
-                    categorical.append(j)
-                    categories.append(values)
-            else:
-                continuous.append(j)
-        x = obs[:, continuous].astype(np.float64)
-        scale = x.std(axis=0)
-        return cls(categorical, categories, continuous, x.mean(axis=0), np.where(scale > 0, scale, 1.0))
-
-    def transform(self, obs: NDArray[np.float32], allowed: NDArray[np.bool_]) -> sparse.csr_matrix:
-        """Sparse design matrix: standardised continuous features, one-hot
-        categorical ones, allowed-action indicators (most entries are zero)."""
-        n = len(obs)
-        blocks = [sparse.csr_matrix((obs[:, self.continuous] - self.mean) / self.scale)]
-        for j, values in zip(self.categorical, self.categories, strict=True):
-            position = np.searchsorted(values, obs[:, j])
-            known = (position < len(values)) & (values[np.minimum(position, len(values) - 1)] == obs[:, j])
-            rows = np.flatnonzero(known)  # values unseen when fitting: all zero
-            blocks.append(sparse.csr_matrix((np.ones(len(rows)), (rows, position[known])), shape=(n, len(values))))
-        blocks.append(sparse.csr_matrix(allowed.astype(np.float64)))
-        return sparse.hstack(blocks, format="csr")
 
 
 @dataclass(frozen=True)
@@ -114,52 +72,38 @@ class CalibrationReport:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
-class MaskedLogit:
-    """Multinomial logistic regression whose softmax runs over the allowed actions only.
-
-    ``p(a | x) = exp(w_a . x + b_a) / sum over allowed a' of exp(w_a' . x + b_a')``:
-    the restriction to allowed actions is part of the likelihood, not applied
-    afterwards, so a policy that is uniform over whatever is allowed is
-    represented exactly (equal weights), which a plain softmax fitted on all
-    actions cannot do. Fitted by L-BFGS with a small L2 penalty.
-    """
-
-    weights: NDArray[np.float64]  # (n_inputs, n_actions)
-    bias: NDArray[np.float64]  # (n_actions,)
-
-    @classmethod
-    def fit(cls, x: sparse.csr_matrix, allowed: NDArray[np.bool_], action: NDArray[np.int64], *,
-            l2: float = 1e-3, max_iter: int = 200, start: MaskedLogit | None = None) -> MaskedLogit:
-        n, d = x.shape
-        onehot = np.zeros((n, N_ACTIONS))
-        onehot[np.arange(n), action] = 1.0
-        blocked = np.where(allowed, 0.0, -np.inf)
-
-        def loss_and_grad(theta: NDArray[np.float64]) -> tuple[float, NDArray[np.float64]]:
-            w = theta[: d * N_ACTIONS].reshape(d, N_ACTIONS)
-            b = theta[d * N_ACTIONS:]
-            logp = _log_softmax(x @ w + b + blocked)
-            loss = -float(logp[np.arange(n), action].mean()) + 0.5 * l2 * float((w * w).sum())
-            residual = (np.exp(logp) - onehot) / n
-            grad_w = np.asarray(x.T @ residual) + l2 * w
-            return loss, np.concatenate([grad_w.ravel(), residual.sum(axis=0)])
-
-        theta0 = np.zeros(d * N_ACTIONS + N_ACTIONS) if start is None else np.concatenate(
-            [start.weights.ravel(), start.bias])
-        result = minimize(loss_and_grad, theta0, jac=True, method="L-BFGS-B",
-                          options={"maxiter": max_iter, "ftol": 1e-8, "gtol": 1e-5})
-        theta = result.x
-        return cls(theta[: d * N_ACTIONS].reshape(d, N_ACTIONS), theta[d * N_ACTIONS:])
-
-    def predict(self, x: sparse.csr_matrix, allowed: NDArray[np.bool_]) -> NDArray[np.float64]:
-        return np.exp(_log_softmax(x @ self.weights + self.bias + np.where(allowed, 0.0, -np.inf)))
+def fit_behaviour_model(
+    obs: NDArray[np.float32],
+    allowed: NDArray[np.bool_],
+    action: NDArray[np.int64],
+    *,
+    max_fit_rows: int = 50_000,
+    held_out_rows: int = 50_000,
+    seed: int = 0,
+) -> tuple[BehaviourModel, CalibrationReport]:
+    """The behaviour model of a log and its calibration report (see :func:`estimate_behavior_probs`)."""
+    behaviour, _, report = _fit_with_probs(obs, allowed, action, max_fit_rows, held_out_rows, seed)
+    return behaviour, report
 
 
-def _log_softmax(z: NDArray[np.float64]) -> NDArray[np.float64]:
-    top = z.max(axis=1, keepdims=True)
-    shifted = z - top
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+def _fit_with_probs(obs: NDArray[np.float32], allowed: NDArray[np.bool_], action: NDArray[np.int64],
+                    max_fit_rows: int, held_out_rows: int, seed: int,
+                    ) -> tuple[BehaviourModel, NDArray[np.float64], CalibrationReport]:
+    n = len(action)
+    if obs.shape != (n, N_FEATURES) or allowed.shape != (n, N_ACTIONS):
+        raise ValueError(f"expected obs (n, {N_FEATURES}) and allowed (n, {N_ACTIONS}) for {n} actions")
+    if not allowed[np.arange(n), action].all():
+        raise ValueError("every logged action must be allowed in its row to estimate behaviour probabilities")
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = min(held_out_rows, n // 5)  # small logs still get an honest check
+    n_fit = min(max_fit_rows, n - n_held)
+    fit_rows = np.sort(order[:n_fit])
+    held = np.sort(order[n_fit:n_fit + n_held])
+    encoder = Encoder.fit(obs[fit_rows])
+    behaviour = BehaviourModel(encoder, _fit_regularised(encoder, obs, allowed, action, fit_rows, held))
+    probs = behaviour.action_probs(obs, allowed)
+    chosen = np.clip(probs[np.arange(n), action], MIN_PROB, 1.0)
+    return behaviour, probs, _report(probs, chosen, allowed, action, len(fit_rows), held)
 
 
 def estimate_behavior_probs(
@@ -175,24 +119,9 @@ def estimate_behavior_probs(
 
     Every logged action must be allowed in its row (the validator checks this).
     """
-    n = len(action)
-    if obs.shape != (n, N_FEATURES) or allowed.shape != (n, N_ACTIONS):
-        raise ValueError(f"expected obs (n, {N_FEATURES}) and allowed (n, {N_ACTIONS}) for {n} actions")
-    if not allowed[np.arange(n), action].all():
-        raise ValueError("every logged action must be allowed in its row to estimate behaviour probabilities")
-    order = np.random.default_rng(seed).permutation(n)
-    n_held = min(held_out_rows, n // 5)  # small logs still get an honest check
-    n_fit = min(max_fit_rows, n - n_held)
-    fit_rows = np.sort(order[:n_fit])
-    held = np.sort(order[n_fit:n_fit + n_held])
-    encoder = Encoder.fit(obs[fit_rows])
-    model = _fit_regularised(encoder, obs, allowed, action, fit_rows, held)
-    probs = np.empty((n, N_ACTIONS))
-    for start in range(0, n, _PREDICT_BLOCK):
-        block = slice(start, start + _PREDICT_BLOCK)
-        probs[block] = model.predict(encoder.transform(obs[block], allowed[block]), allowed[block])
-    chosen = np.clip(probs[np.arange(n), action], MIN_PROB, 1.0)
-    return probs, chosen, _report(probs, chosen, allowed, action, len(fit_rows), held)
+    _, probs, report = _fit_with_probs(obs, allowed, action, max_fit_rows, held_out_rows, seed)
+    chosen = np.clip(probs[np.arange(len(action)), action], MIN_PROB, 1.0)
+    return probs, chosen, report
 
 
 #: L2 penalties tried, strongest first; each fit starts from the previous one.

@@ -31,6 +31,9 @@ from safetensors.torch import load_file, save_file
 from carepath.jsontypes import is_int, is_number
 from envs.spec import ACTION_NAMES, FEATURE_NAMES, SPEC_CHANGES, SPEC_VERSION
 from policies.base import BoolArray, FloatArray, check_inputs, mix_epsilon
+from policies.baselines import BASELINES, make_baseline
+from policies.behaviour_model import BehaviourModel
+from policies.candidates import Candidate
 from policies.networks import NetworkSpec, PolicyNetwork
 
 BUNDLE_FORMAT = "carepath-policy-bundle"
@@ -42,6 +45,10 @@ EXTRA_FILE = re.compile(r"(?!weights\.)[a-z][a-z0-9_]*\.safetensors")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 #: A manifest is a few kB (a prepared one with evaluation results well under 100 kB): more is refused unread.
 MAX_MANIFEST_BYTES = 8 << 20
+#: The estimated behaviour policy a certified candidate mixes with (``carepath certify``).
+BEHAVIOUR_FILE = "behaviour.safetensors"
+#: Keyed hashes of the patients that trained the policy: certification refuses them.
+TRAINING_PATIENTS_FILE = "training_patients.safetensors"
 
 
 class BundleError(ValueError):
@@ -89,6 +96,8 @@ class BundleManifest:
     weights_sha256: str = ""
     #: further safetensors files in the folder (e.g. serving's benefit model): name -> sha256
     files: dict[str, str] = field(default_factory=dict)
+    #: what the logged data vouches for (``carepath certify``); empty: never certified
+    certificate: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +119,7 @@ class BundleManifest:
             "created": self.created,
             "weights_sha256": self.weights_sha256,
             "files": self.files,
+            "certificate": self.certificate,
         }
 
     @classmethod
@@ -126,7 +136,8 @@ class BundleManifest:
             if not isinstance(d.get(key), kind):
                 raise BundleError(f"{where}: field {key!r} must be a {kind.__name__}, got {_short(d.get(key))}")
         for key, kind in (("selection", dict), ("config", dict), ("data", dict), ("evaluation", dict),
-                          ("explain", dict), ("files", dict), ("code_version", str), ("created", str)):
+                          ("explain", dict), ("files", dict), ("code_version", str), ("created", str),
+                          ("certificate", dict)):
             if key in d and not isinstance(d[key], kind):
                 raise BundleError(f"{where}: field {key!r} must be a {kind.__name__}, got {_short(d[key])}")
         if "spec_version" in d and not is_int(d["spec_version"]):
@@ -140,6 +151,7 @@ class BundleManifest:
             raise BundleError(f"{where}: field 'files' must map names like 'benefit.safetensors' to sha256 hex digests")
         _check_network_fields(d["network"], where)
         _check_selection_fields(d.get("selection", {}), where)
+        _check_certificate_fields(d.get("certificate", {}), where)
         try:
             network = NetworkSpec.from_dict(d["network"])
         except (TypeError, ValueError) as err:
@@ -155,6 +167,7 @@ class BundleManifest:
             data=dict(d.get("data", {})), code_version=str(d.get("code_version", "")),
             evaluation=dict(d.get("evaluation", {})), explain=dict(d.get("explain", {})),
             created=str(d.get("created", "")), weights_sha256=d["weights_sha256"], files=dict(files),
+            certificate=dict(d.get("certificate", {})),
         )
 
 
@@ -194,6 +207,30 @@ def _check_network_fields(net: dict[str, Any], where: Path) -> None:
     if "threshold" in extra and not is_number(extra["threshold"]):
         raise BundleError(f"{where}: field 'network.extra.threshold' must be a number, "
                           f"got {_short(extra['threshold'])}")
+
+
+def _check_certificate_fields(cert: dict[str, Any], where: Path) -> None:
+    """A certificate decides what is served: every field serving reads has its type, or the bundle is refused."""
+    if not cert:
+        return
+    for key, ok, expected in (
+        ("certified", lambda v: isinstance(v, bool), "true or false"),
+        ("id", lambda v: isinstance(v, str) and re.fullmatch(r"cert-[0-9a-f]{16}", v) is not None,
+         "an id like 'cert-0123456789abcdef'"),
+        ("confidence", lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+        ("lower_bound", is_number, "a number (percentage points)"),
+        ("improvement", is_number, "a number (percentage points)"),
+        ("candidate", lambda v: isinstance(v, dict), "an object"),
+        ("behaviour_model", lambda v: isinstance(v, dict) and v.get("kind") in ("baseline", "fitted", "given"),
+         "an object with kind 'baseline', 'fitted' or 'given'"),
+    ):
+        if not ok(cert.get(key)):
+            raise BundleError(f"{where}: field 'certificate.{key}' must be {expected}, got {_short(cert.get(key))}")
+    try:
+        Candidate.from_dict({k: v for k, v in cert["candidate"].items()
+                             if k in ("family", "weight", "threshold", "truncation")})
+    except ValueError as err:
+        raise BundleError(f"{where}: field 'certificate.candidate': {_one_line(err)}") from None
 
 
 def _check_selection_fields(selection: dict[str, Any], where: Path) -> None:
@@ -271,12 +308,40 @@ def save_bundle(
 class BundlePolicy:
     """A policy rebuilt from a bundle: ``action_probs``, ``q_values`` where the network has them."""
 
-    def __init__(self, manifest: BundleManifest, network: PolicyNetwork, path: Path | None = None) -> None:
+    def __init__(self, manifest: BundleManifest, network: PolicyNetwork, path: Path | None = None,
+                 behaviour: BehaviourModel | None = None) -> None:
+
         self.manifest = manifest
         self.network = network.eval()
         self.path = path
         self.name = manifest.name
         self.algorithm = manifest.algorithm
+        #: a certified bundle serves the certified candidate: the network mixed with current care
+        self.served: Candidate | None = None
+        self.behaviour: Any = behaviour
+        candidate = manifest.certificate.get("candidate") if manifest.certificate else None
+        spec = manifest.certificate.get("behaviour_model") if manifest.certificate else None
+        if candidate is not None and isinstance(spec, dict) and spec.get("kind") == "baseline":
+            # current care is a known baseline policy (the log was simulated under it)
+            if spec.get("name") not in BASELINES or not is_number(spec.get("epsilon")):
+                raise BundleError(f"policy {self.name!r}: field 'certificate.behaviour_model' names no baseline "
+                                  f"policy ({_short(spec)})")
+            self.behaviour = make_baseline(str(spec["name"]), float(spec["epsilon"]))
+        if candidate is not None:
+            if self.behaviour is None:
+                raise BundleError(f"policy {self.name!r}: its certificate serves a mix with current care, but the "
+                                  f"bundle has no {BEHAVIOUR_FILE}")
+            self.served = Candidate.from_dict({k: candidate[k] for k in ("family", "weight", "threshold",
+                                                                         "truncation") if k in candidate})
+
+    @property
+    def certificate(self) -> dict[str, Any] | None:
+        """The certificate of ``carepath certify`` (None: never certified)."""
+        return self.manifest.certificate or None
+
+    @property
+    def certified(self) -> bool:
+        return bool(self.manifest.certificate.get("certified", False))
 
     @property
     def has_q_values(self) -> bool:
@@ -333,10 +398,12 @@ class BundlePolicy:
     def action_probs(self, obs: NDArray[np.floating], mask: BoolArray) -> FloatArray:
         return self.outputs_and_probs(obs, mask)[1]
 
-    def outputs_and_probs(self, obs: NDArray[np.floating], mask: BoolArray) -> tuple[NDArray[np.float64], FloatArray]:
-        """``outputs`` and ``action_probs`` from one pass of the network (serving needs both)."""
+    def network_probs(self, obs: NDArray[np.floating], mask: BoolArray) -> FloatArray:
+        """The trained network's own probabilities, before any certified mix with current care."""
         obs, mask = check_inputs(obs, mask)
-        raw = self._forward(obs)
+        return self._network_probs(self._forward(obs), mask)
+
+    def _network_probs(self, raw: NDArray[np.float64], mask: BoolArray) -> FloatArray:
         scores = self._scores(raw, mask)
         sel = self.manifest.selection
         if sel.kind == "greedy":
@@ -346,7 +413,16 @@ class BundlePolicy:
             z = scores / sel.temperature
             z = np.exp(z - z.max(axis=1, keepdims=True))
             probs = z / z.sum(axis=1, keepdims=True)
-        return self._outputs(raw), mix_epsilon(probs, mask, sel.epsilon)
+        return mix_epsilon(probs, mask, sel.epsilon)
+
+    def outputs_and_probs(self, obs: NDArray[np.floating], mask: BoolArray) -> tuple[NDArray[np.float64], FloatArray]:
+        """``outputs`` and ``action_probs`` from one pass of the network (serving needs both)."""
+        obs, mask = check_inputs(obs, mask)
+        raw = self._forward(obs)
+        probs = self._network_probs(raw, mask)
+        if self.served is not None and self.behaviour is not None:
+            probs = self.served.combine(probs, self.behaviour.action_probs(obs, mask), mask)
+        return self._outputs(raw), probs
 
 
 def load(path: str | Path) -> BundlePolicy:
@@ -395,7 +471,21 @@ def load(path: str | Path) -> BundlePolicy:
         network.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         raise BundleError(f"{weights_path}: weights do not fit the network in {MANIFEST}: {_one_line(err)}") from None
-    return BundlePolicy(manifest, network, path)
+    behaviour = None
+    if BEHAVIOUR_FILE in manifest.files:
+        try:
+            behaviour = BehaviourModel.from_tensors(
+                {k: v.numpy() for k, v in _read_checked(path / BEHAVIOUR_FILE, manifest.files[BEHAVIOUR_FILE]).items()})
+        except ValueError as err:
+            raise BundleError(f"{path / BEHAVIOUR_FILE}: {_one_line(err)}") from None
+    return BundlePolicy(manifest, network, path, behaviour)
+
+
+def patient_hashes(patient_ids: Any) -> NDArray[np.int64]:
+    """64-bit hashes of (pseudonymised) patient ids, for recording who trained a policy without
+    storing the ids themselves: sha256, first 8 bytes."""
+    return np.array([int.from_bytes(hashlib.sha256(str(p).encode()).digest()[:8], "little", signed=True)
+                     for p in patient_ids], dtype=np.int64)
 
 
 def _check_regular_file(path: Path) -> None:
@@ -452,12 +542,15 @@ def update_bundle(
     *,
     explain: dict[str, Any] | None = None,
     evaluation: dict[str, Any] | None = None,
+    certificate: dict[str, Any] | None = None,
     extra_tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    out: str | Path | None = None,
 ) -> BundlePolicy:
     """Re-save a bundle with new ``explain`` / ``evaluation`` sections and extra files.
 
     The weights stay as they are; the folder is rewritten atomically (a reader sees
     the old bundle or the new one, never a mix). Extra files not given are kept.
+    ``out``: write the updated bundle there instead (a new folder; ``path`` is untouched).
     """
     policy = load(path)
     manifest = policy.manifest
@@ -466,5 +559,9 @@ def update_bundle(
         manifest.explain = explain
     if evaluation is not None:
         manifest.evaluation = evaluation
-    save_bundle(path, policy.network, manifest, overwrite=True, extra_tensors={**kept, **(extra_tensors or {})})
-    return load(path)
+    if certificate is not None:
+        manifest.certificate = certificate
+    target = Path(out) if out is not None else Path(path)
+    save_bundle(target, policy.network, manifest, overwrite=out is None,
+                extra_tensors={**kept, **(extra_tensors or {})})
+    return load(target)

@@ -52,6 +52,8 @@ class ServeSettings:
     rate_limit: float = 20.0  # requests a second per token on average (0: no limit)
     rate_burst: int = 60
     cors_origins: tuple[str, ...] = ()  # closed by default: no cross-origin page can read answers
+    #: serve a policy no certificate vouches for (``carepath certify``); its answers then carry a banner
+    allow_uncertified: bool = False
 
 
 @dataclass
@@ -141,6 +143,11 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
             if rec.policy.name in recommenders:
                 raise ValueError(f"two policies are named {rec.policy.name!r}; serve each name once")
             recommenders[rec.policy.name] = rec
+    uncertified = [name for name, rec in recommenders.items() if not rec.info.certification.certified]
+    if uncertified and not settings.allow_uncertified:
+        raise ValueError(f"policy {', '.join(map(repr, uncertified))} is not certified: no certificate from logged "
+                         "data vouches for it against current care. Run 'carepath certify --policy BUNDLE --data LOG "
+                         "--out CERTIFIED', or pass --allow-uncertified to serve it with a banner saying so")
     engine = make_engine(settings.db_url)
     state = ServingState(recommenders=recommenders, default_policy=next(iter(recommenders)),
                          tokens=TokenStore(engine, cache_seconds=settings.token_cache_seconds),
@@ -182,6 +189,7 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
         state.audit.record_recommendation(
             audit_id=audit_id, token_name=token.name, channel="rest", patient_id=body.patient_id,
             policy_name=recommender.policy.name, policy_version=recommender.info.version,
+            certificate_id=recommender.info.certification.id,
             features=dict(zip(FEATURE_NAMES, map(float, recommender.observation(features)), strict=True)),
             request=body.model_dump(exclude={"patient_id"}), response=response.model_dump())
         return response

@@ -93,6 +93,7 @@ class AuditedRecommendation:
     patient_pseudonym: str | None
     policy_name: str
     policy_version: str
+    certificate_id: str | None
     features: dict[str, float]
     request: Any
     response: Any
@@ -158,6 +159,7 @@ class AuditStore:
         patient_id: str | None,
         policy_name: str,
         policy_version: str,
+        certificate_id: str | None = None,
         features: Mapping[str, float],
         request: Any,
         response: Any,
@@ -171,7 +173,7 @@ class AuditStore:
         row = dict(
             audit_id=audit_id, created_at=utc_now(), token_name=token_name, channel=channel,
             patient_pseudonym=patient, policy_name=policy_name, policy_version=str(policy_version),
-            features_json=_to_json(_check_features(features), "features"),
+            certificate_id=certificate_id, features_json=_to_json(_check_features(features), "features"),
             request_json=_to_json(scrub(request, patient_id, patient), "request"),
             response_json=_to_json(scrub(response, patient_id, patient), "response"),
         )
@@ -434,7 +436,7 @@ def _audited(row: RecommendationRecord) -> AuditedRecommendation:
     return AuditedRecommendation(
         audit_id=row.audit_id, created_at=row.created_at, token_name=row.token_name, channel=row.channel,
         patient_pseudonym=row.patient_pseudonym, policy_name=row.policy_name, policy_version=row.policy_version,
-        features=json.loads(row.features_json), request=json.loads(row.request_json),
+        certificate_id=row.certificate_id, features=json.loads(row.features_json), request=json.loads(row.request_json),
         response=json.loads(row.response_json),
         feedback=tuple(AuditedFeedback(f.id, f.created_at, f.token_name, f.suggestion_id, f.action, f.outcome,
                                        f.override_reason, f.clinician_pseudonym, f.chosen_action)

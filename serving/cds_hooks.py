@@ -201,6 +201,7 @@ def _record(state: ServingState, recommender: Recommender, token: TokenInfo, bod
     state.audit.record_recommendation(
         audit_id=audit_uuid.hex, token_name=token.name, channel="cds-hooks", patient_id=body.context.patientId,
         policy_name=recommender.policy.name, policy_version=recommender.info.version,
+            certificate_id=recommender.info.certification.id,
         features=dict(zip(FEATURE_NAMES, map(float, observation), strict=True)),
         request={"hook": body.hook, "hookInstance": str(body.hookInstance), "features": dict(features)},
         response=answer)
@@ -258,7 +259,9 @@ def build_card(rec: Recommendation, notes: list[str], *, card_uuid: uuid.UUID, p
     """One CDS Hooks card holding the ranked suggestions of ``rec``."""
     summary = card_summary(rec)
     assert len(summary) <= SUMMARY_MAX, summary
-    indicator = "critical" if rec.critical else "warning" if rec.alerts else "info"
+    # an uncertified policy is a warning in itself: no logged data vouches for it
+    indicator = "critical" if rec.critical else "warning" if rec.alerts or not rec.policy.certification.certified \
+        else "info"
     return {
         "uuid": str(card_uuid),
         "summary": summary,
@@ -289,7 +292,9 @@ def card_summary(rec: Recommendation) -> str:
 
 def card_detail(rec: Recommendation, notes: list[str]) -> str:
     """The card's markdown: why each step, what was blocked and assumed, how good the policy is."""
-    lines: list[str] = []
+    cert = rec.policy.certification
+    lines: list[str] = [f"**{'Certified' if cert.certified else 'NOT CERTIFIED'}**: {cert.statement}"
+                        + (f" First-ranked step alone: {cert.first_choice}." if cert.first_choice else ""), ""]
     if rec.alerts:
         lines += ["**Alerts**", *(f"- {a}" for a in rec.alerts), ""]
     lines.append("**Ranked next steps**")

@@ -105,6 +105,10 @@ def format_recommendation(answer: dict[str, Any]) -> str:
     if answer["imputed"]:
         lines += ["", "assumed (not given): " + ", ".join(f"{i['feature']}={i['value']:g}" for i in answer["imputed"])]
     lines += ["", f"policy {answer['policy']['name']} ({answer['policy']['version']})"]
+    cert = answer["policy"]["certification"]
+    lines += [f"  {cert['statement']}" + (f" [{cert['id']}]" if cert.get("id") else "")]
+    if cert.get("first_choice"):
+        lines += [f"  First-ranked step alone: {cert['first_choice']}."]
     lines += [f"  {line}" for line in answer["policy"]["evaluation_summary"]]
     lines += ["", answer["uncertainty"]]
     return "\n".join(lines)
@@ -128,6 +132,8 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate-burst", type=int, default=60, help="requests a token may send at once (default 60)")
     parser.add_argument("--cors-origin", action="append", default=[],
                         help="an origin whose pages may call the API (repeat; default none: CORS closed)")
+    parser.add_argument("--allow-uncertified", action="store_true",
+                        help="serve a policy without a certificate (carepath certify); every answer then says so")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -142,7 +148,8 @@ def run_serve(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     app = create_app(ServeSettings(policies=args.policy, db_url=args.db, key_file=args.key_file,
                                    max_body_bytes=args.max_body_bytes, rate_limit=args.rate_limit,
-                                   rate_burst=args.rate_burst, cors_origins=tuple(args.cors_origin)))
+                                   rate_burst=args.rate_burst, cors_origins=tuple(args.cors_origin),
+                                   allow_uncertified=args.allow_uncertified))
     print(f"carepath: {len(args.policy)} policy(ies) loaded and explainers warmed in "
           f"{time.perf_counter() - started:.1f} s; serving http://{args.host}:{args.port}/ "
           f"(decision support only)", file=sys.stderr, flush=True)

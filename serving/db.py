@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from sqlalchemy import DateTime, Engine, ForeignKey, String, Text, create_engine, event, make_url
+from sqlalchemy import DateTime, Engine, ForeignKey, String, Text, create_engine, event, inspect, make_url, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -99,6 +99,8 @@ class RecommendationRecord(Base):
     patient_pseudonym: Mapped[str | None] = mapped_column(String(64), index=True)
     policy_name: Mapped[str] = mapped_column(Text)
     policy_version: Mapped[str] = mapped_column(Text)
+    # the certificate that vouched for the policy (carepath certify); None: served uncertified
+    certificate_id: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
     features_json: Mapped[str] = mapped_column(Text)  # named features after imputation
     request_json: Mapped[str] = mapped_column(Text)
     response_json: Mapped[str] = mapped_column(Text)
@@ -179,11 +181,26 @@ def make_engine(url: str = DEFAULT_DB_URL, *, create_tables: bool = True) -> Eng
     if create_tables:
         try:
             Base.metadata.create_all(engine)
+            _add_missing_columns(engine)
         except SQLAlchemyError as err:
             engine.dispose()
             detail = redact_url(str(getattr(err, "orig", None) or err))
             raise ValueError(f"cannot open database {redact_url(url)!r}: {detail}") from None
     return engine
+
+
+#: Columns added after a table was first created: (table, column, SQL type). An audit store
+#: made by an older carepath gets them added (nullable), so its rows are kept.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("recommendations", "certificate_id", "VARCHAR(64)"),)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    names = {(table, column["name"]) for table in ("recommendations",)
+             for column in inspect(engine).get_columns(table)}
+    with engine.begin() as connection:
+        for table, column, sql_type in ADDED_COLUMNS:
+            if (table, column) not in names:
+                connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
 
 
 def _create(url: URL) -> Engine:

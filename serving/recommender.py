@@ -38,6 +38,7 @@ from serving.schemas import (
     BenefitEstimate,
     BlockedAction,
     BlockingRule,
+    Certification,
     Contribution,
     ImputedFeature,
     PolicyInfo,
@@ -79,7 +80,8 @@ class Recommender:
         self.info = PolicyInfo(name=self.policy.name, algorithm=self.policy.algorithm,
                                version=self.policy.manifest.weights_sha256[:12],
                                created=self.policy.manifest.created,
-                               evaluation_summary=evaluation_summary(self.policy.manifest.evaluation))
+                               evaluation_summary=evaluation_summary(self.policy.manifest.evaluation),
+                               certification=certification_info(self.policy.manifest.certificate))
         if warm:
             self.explainer.warm()
             self.recommend({}, top_k=1, explain=False)
@@ -206,6 +208,38 @@ def benefit_disagreement(lo: NDArray[np.float64], hi: NDArray[np.float64], chang
             f"'{ACTION_LABELS[ACTION_NAMES[best]]}' than with the policy's first choice "
             f"('{ACTION_LABELS[ACTION_NAMES[first]]}'): the policy also weighs remission, side effects and "
             f"dropout; weigh both.")
+
+
+NOT_CERTIFIED = ("Not certified: no certificate from logged data vouches for this policy against current care "
+                 "(run 'carepath certify'). Use its suggestions with extra caution.")
+
+
+def certification_info(certificate: Mapping[str, Any]) -> Certification:
+    """The bundle's certificate as a clinician reads it; a bundle without one is not certified."""
+    if not certificate:
+        return Certification(certified=False, statement=NOT_CERTIFIED)
+    certified = bool(certificate.get("certified"))
+    bound, estimate = _number(certificate.get("lower_bound")), _number(certificate.get("improvement"))
+    confidence = _number(certificate.get("confidence"))
+    safety = (certificate.get("episodes") or {}).get("safety")
+    sure = f"{100 * confidence:.0f} %" if confidence is not None else "the stated"
+    if certified and bound is not None:
+        said = f" (estimate {estimate:+.1f})" if estimate is not None else ""
+        statement = (f"Certified against current care: with {sure} confidence this policy's suggestions lead to at "
+                     f"least {bound:+.1f} percentage points more remission{said}, "
+                     f"judged on {safety or 'held-out'} logged patients it was neither trained nor tuned on.")
+    else:
+        reasons = "; ".join(str(r) for r in certificate.get("reasons", [])) or "the bound is not above 0"
+        statement = (f"Not certified: the logged data cannot show that this policy does better than current care "
+                     f"({reasons}). Keep to current care unless you have reason to depart from it.")
+    first = (certificate.get("first_choice") or {}).get("statement")
+    return Certification(certified=certified, id=certificate.get("id"), statement=statement,
+                         first_choice=str(first) if first else None, confidence=confidence,
+                         lower_bound_pp=bound, improvement_pp=estimate)
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if is_number(value) else None
 
 
 def evaluation_summary(evaluation: Mapping[str, Any]) -> list[str]:

@@ -145,12 +145,25 @@ class BlockedAction(BaseModel):
     rules: list[BlockingRule]
 
 
+class Certification(BaseModel):
+    """What the logged data vouches for (``carepath certify``), in words a clinician can read."""
+
+    certified: bool
+    id: str | None = None
+    statement: str  # one sentence: certified or not, and the bound
+    first_choice: str | None = None  # whether taking only the first-ranked step is covered
+    confidence: float | None = None
+    lower_bound_pp: float | None = None  # remission vs current care, percentage points
+    improvement_pp: float | None = None
+
+
 class PolicyInfo(BaseModel):
     name: str
     algorithm: str
     version: str
     created: str
     evaluation_summary: list[str]
+    certification: Certification
 
 
 class Recommendation(BaseModel):

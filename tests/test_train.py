@@ -89,6 +89,15 @@ def test_smoke_run_trains_evaluates_logs_and_bundles(tmp_path):
     assert ope is not None and policy.manifest.evaluation["off_policy_validation"] == ope
     assert ope["fqe_interval"] == "refit" and ope["policies"][0]["estimates"]["fqe"]["interval"] == "refit"
     assert (run / "config.yaml").exists() and not (run / "checkpoint.pt").exists()
+    # certified (or not) on the held-out patients, the certificate in the bundle and metrics, with the
+    # simulator's truth of the policy as certified beside it; the training patients are recorded
+    cert = metrics["certification"]["certificate"]
+    assert policy.certificate == cert and cert["id"].startswith("cert-")
+    assert cert["episodes"]["candidate"] + cert["episodes"]["safety"] == 300  # validation + test of 1,500
+    assert cert["behaviour_model"] == {"kind": "baseline", "name": "stard", "epsilon": 0.1}
+    assert metrics["certification"]["certified_policy_ground_truth"]["patients"] == 600
+    assert {"certify/certified", "certify/lower_bound_pp", "certify/true_remission"} <= tags
+    assert "training_patients.safetensors" in policy.manifest.files
     again = run_train(tmp_path, "agent=bcq", "seed=1", check=False)
     assert again.returncode != 0 and "overwrite=true" in (again.stdout + again.stderr)
 

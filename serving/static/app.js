@@ -341,12 +341,24 @@
     const policy = answer.policy || {};
     $("policy").textContent = "Policy " + policy.name + ", version " + policy.version +
       (policy.algorithm ? " (" + policy.algorithm + ")" : "") + (policy.created ? ", built " + policy.created : "");
+    renderCertification(policy.certification);
     const evaluation = $("evaluation");
     evaluation.textContent = "";
     for (const line of policy.evaluation_summary || []) evaluation.append(el("li", { text: line }));
     $("audit-id").textContent = answer.audit_id || "";
     state.answer = answer;
     redrawAll();
+  }
+
+  // Whether logged data vouches for the policy: a banner, amber when it does not
+  function renderCertification(cert) {
+    const banner = $("certification");
+    if (!cert) { banner.hidden = true; return; }
+    banner.hidden = false;
+    banner.className = "certification " + (cert.certified ? "certified" : "not-certified");
+    banner.setAttribute("role", cert.certified ? "status" : "alert");
+    banner.textContent = cert.statement + (cert.first_choice ? " First-ranked step alone: " + cert.first_choice + "." : "") +
+      (cert.id ? " (" + cert.id + ")" : "");
   }
 
   function renderAlerts(answer) {

@@ -72,6 +72,6 @@ def served(prepared_bundle: Path, tmp_path: Path) -> Iterator[Served]:
 
     db_url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
     token = TokenStore(make_engine(db_url)).create("test-clinic")
-    app = create_app(ServeSettings(policies=[prepared_bundle], db_url=db_url))
+    app = create_app(ServeSettings(policies=[prepared_bundle], db_url=db_url, allow_uncertified=True))
     with TestClient(app) as client:
         yield Served(client, token, db_url, {"Authorization": f"Bearer {token}"})

@@ -189,7 +189,8 @@ def cds_app(recommender: Recommender, tmp_path: Path) -> tuple[Any, dict[str, st
 
     db_url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
     headers = {"Authorization": f"Bearer {TokenStore(make_engine(db_url)).create('safety-clinic')}"}
-    app = create_app(ServeSettings(policies=[], db_url=db_url), recommenders={recommender.policy.name: recommender})
+    app = create_app(ServeSettings(policies=[], db_url=db_url, allow_uncertified=True),
+                     recommenders={recommender.policy.name: recommender})
     return app, headers
 
 

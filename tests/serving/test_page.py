@@ -93,7 +93,7 @@ def live_server(prepared_bundle: Path, tmp_path_factory: pytest.TempPathFactory)
     token = TokenStore(make_engine(db_url)).create("page-test-clinic")
     # CAREPATH_SCREENSHOT_POLICY: serve a real trained policy (for the picture in docs/)
     policy = Path(os.environ.get("CAREPATH_SCREENSHOT_POLICY", str(prepared_bundle)))
-    app = create_app(ServeSettings(policies=[policy], db_url=db_url))
+    app = create_app(ServeSettings(policies=[policy], db_url=db_url, allow_uncertified=True))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -28,7 +28,7 @@ SECRET_FEATURES = {**PATIENT, "sleep_hours": 6.4321, "daily_steps": 12.3457}
 def make_client(bundle: Path, tmp_path: Path, **settings: object) -> tuple[TestClient, dict[str, str], str]:
     db_url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
     token = TokenStore(make_engine(db_url)).create("clinic")
-    app = create_app(ServeSettings(policies=[bundle], db_url=db_url, **settings))  # type: ignore[arg-type]
+    app = create_app(ServeSettings(policies=[bundle], db_url=db_url, allow_uncertified=True, **settings))  # type: ignore[arg-type]
     return TestClient(app), {"Authorization": f"Bearer {token}"}, db_url
 
 

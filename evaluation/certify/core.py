@@ -1,0 +1,372 @@
+"""Certified policy improvement: the gate between training and serving.
+
+The protocol is high-confidence policy improvement (HCPI; Thomas, Theocharous
+& Ghavamzadeh 2015, ICML): the logged patients that did not train the policy
+are split, by patient and seeded, in two.
+
+1. **Candidate selection** on the first part: every member of the candidate
+   families (:mod:`evaluation.certify.candidates`: mixtures with current care,
+   SPIBB) is scored by the lower bound it is predicted to reach on the second
+   part, and the best one is chosen.
+2. **Safety test** on the second part, of that one candidate only: a
+   high-confidence lower bound on its improvement over current care in
+   remission (percentage points) and in the reward the agent optimised, paired
+   by episode (:mod:`evaluation.certify.bounds`). The candidate's first-choice
+   policy (what happens if clinicians always take the first-ranked step) is
+   tested too. Four bounds are stated, each at ``1 - (1 - confidence) / 4``
+   (Bonferroni), so that all four hold together at ``confidence``.
+
+Certified when the candidate's remission bound is above 0 and no critical
+guideline vignette fails; otherwise "not certified: keep current care".
+
+Remission is read from the log as a clinician would: the patient is still in
+care at the end of the logged episode and the last observed PHQ-9 is below 5
+(Kroenke 2001); leaving care counts as no remission, as in STAR*D.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from envs.spec import FEATURE_INDEX, SUBGROUP_FEATURES
+from evaluation.certify.bounds import METHODS, PairedBound, paired_bound, predicted_lower_bound
+from evaluation.ope.weights import target_probabilities
+from offline_data.behavior import fit_behaviour_model
+from offline_data.dataset import Episodes, LoggedDataset, split_by_patient
+from policies.base import Policy
+from policies.candidates import Candidate, CandidatePolicy, FirstChoicePolicy, candidate_grid
+
+F64 = NDArray[np.float64]
+REMISSION_BELOW = 5.0  # PHQ-9 < 5 (Kroenke 2001)
+#: Bounds stated on the safety part: candidate and first choice, remission and reward.
+N_BOUNDS = 4
+METHODS_HELP = ("bound of the safety test: 't' (one-sided Student t, HCPI's choice: tight, trusts the central "
+                "limit theorem) or 'bernstein' (empirical Bernstein: exact for remission, looser)")
+
+
+@dataclass(frozen=True)
+class CertifyConfig:
+    """How a policy is certified. The defaults are HCPI's with a 50/50 split."""
+
+    confidence: float = 0.95
+    split: float = 0.5  # share of the certification patients that choose the candidate
+    seed: int = 0
+    method: str = "t"  # bound of the safety test: t or bernstein
+    weights: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)  # mixture weights of the trained policy
+    thresholds: tuple[float, ...] = (0.02, 0.05, 0.1)  # SPIBB: behaviour probabilities treated as too rare
+    truncations: tuple[float, ...] = (5.0, 20.0, 100.0)  # importance-weight caps tried per candidate
+    min_patients: int = 100  # on either side of the split
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        if not 0.0 < self.split < 1.0:
+            raise ValueError(f"split must be in (0, 1) (the share of patients that choose the candidate), "
+                             f"got {self.split}")
+        if self.method not in METHODS:
+            raise ValueError(f"bound method must be one of {METHODS}, got {self.method!r}")
+        if not self.weights and not self.thresholds:
+            raise ValueError("no candidates: give at least one mixture weight or SPIBB threshold")
+        if not self.truncations:
+            raise ValueError("give at least one weight truncation")
+
+    @property
+    def per_bound_confidence(self) -> float:
+        return 1.0 - (1.0 - self.confidence) / N_BOUNDS
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """What the logged data can vouch for. ``lower_bound`` and ``improvement`` are in
+    percentage points of remission; ``reward_*`` in the reward's units."""
+
+    certified: bool
+    confidence: float
+    method: str
+    estimator: str
+    lower_bound: float
+    improvement: float
+    reward_lower_bound: float
+    reward_improvement: float
+    behaviour_value: dict[str, float]  # remission (%) and reward of current care on the safety part
+    episodes: dict[str, int]  # candidate / safety episodes
+    candidate: dict[str, Any]
+    first_choice: dict[str, Any]
+    data_sha256: str
+    behaviour_probabilities: str  # "logged" or "estimated"
+    behaviour_model: dict[str, Any]  # what the candidate mixes with: a known baseline or a fitted model
+    reasons: list[str]
+    subgroups: list[dict[str, Any]] = field(default_factory=list)
+    selection: list[dict[str, Any]] = field(default_factory=list)
+    vignettes: dict[str, Any] | None = None
+    created: str = ""
+    id: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One sentence for a clinician."""
+        if self.certified:
+            return (f"Certified against current care at {100 * self.confidence:.0f} % confidence: remission at least "
+                    f"{self.lower_bound:+.1f} percentage points (estimate {self.improvement:+.1f}), from "
+                    f"{self.episodes['safety']:,} logged patients it was not trained or selected on.")
+        return ("Not certified: the logged data cannot show that this policy does better than current care "
+                f"(remission bound {self.lower_bound:+.1f} percentage points at {100 * self.confidence:.0f} % "
+                "confidence); keep current care.")
+
+
+def remission_outcome(episodes: Episodes) -> F64:
+    """1 when the patient is still in care at the end of the episode with a last observed PHQ-9 below 5."""
+    last = np.maximum(episodes.lengths - 1, 0)
+    rows = np.arange(len(last))
+    phq9 = episodes.obs[rows, last, FEATURE_INDEX["phq9"]]
+    left = (episodes.terminated & episodes.valid).any(axis=1)
+    return ((phq9 < REMISSION_BELOW) & ~left & (episodes.lengths > 0)).astype(np.float64)
+
+
+def episode_returns(episodes: Episodes) -> F64:
+    return np.where(episodes.valid, episodes.reward, 0.0).sum(axis=1).astype(np.float64)
+
+
+def trajectory_weights(probs: F64, episodes: Episodes) -> F64:
+    """``prod_t pi_c(a_t | s_t) / pi_b(a_t | s_t)`` over each episode's logged steps (in log space)."""
+    chosen = np.take_along_axis(probs, episodes.action[..., None], axis=2)[..., 0]
+    with np.errstate(divide="ignore"):
+        log_ratio = np.log(chosen) - np.log(episodes.behavior_prob.astype(np.float64))
+    log_ratio = np.where(episodes.valid, log_ratio, 0.0)
+    return np.exp(np.minimum(log_ratio.sum(axis=1), 700.0))
+
+
+def dataset_sha256(dataset: LoggedDataset) -> str:
+    """A content hash of the logged rows (independent of file format and row storage)."""
+    f = dataset.frame
+    digest = hashlib.sha256()
+    for array in (f.obs, f.action, f.reward, f.behavior_prob, f.t, f.episode_id):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    digest.update("\n".join(map(str, f.patient_ids[f.patient_code])).encode())
+    return digest.hexdigest()
+
+
+class _Split:
+    """One part of the certification patients, with both policies' probabilities computed once."""
+
+    def __init__(self, dataset: LoggedDataset, policy: Policy, behaviour: Policy) -> None:
+        self.episodes = dataset.episodes()
+        self.trained = target_probabilities(policy, self.episodes)
+        self.current = target_probabilities(behaviour, self.episodes)
+        self.remission = remission_outcome(self.episodes)
+        self.returns = episode_returns(self.episodes)
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def probs(self, candidate: Candidate) -> F64:
+        """The candidate's probabilities on every logged step (as served: ``Candidate.combine``)."""
+        valid = self.episodes.valid
+        out = np.zeros_like(self.trained)
+        out[valid] = candidate.combine(self.trained[valid], self.current[valid], self.episodes.mask[valid])
+        return out
+
+    def first_choice_probs(self, candidate_policy: Policy) -> F64:
+        return target_probabilities(FirstChoicePolicy(candidate_policy), self.episodes)
+
+
+@dataclass(frozen=True)
+class Certification:
+    """The certificate, the chosen candidate as a policy, and the behaviour model it mixes with."""
+
+    certificate: Certificate
+    policy: CandidatePolicy
+    behaviour: Policy
+
+
+def certify(
+    policy: Policy,
+    dataset: LoggedDataset,
+    behaviour: Policy | None = None,
+    config: CertifyConfig | None = None,
+    *,
+    critical_vignettes: Callable[[Policy], Mapping[str, Any]] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Certification:
+    """Certify ``policy`` on ``dataset`` (patients it was not trained on) against current care.
+
+    ``behaviour`` is the estimated behaviour policy the candidates mix with; without one it
+    is fitted (:func:`offline_data.behavior.fit_behaviour_model`) on the candidate part only,
+    so that the candidates never depend on the safety part. ``critical_vignettes`` scores the
+    chosen candidate on the guideline vignettes (a dict with ``critical_failures``).
+    """
+    config = config or CertifyConfig()
+    say = progress or (lambda _: None)
+    parts = split_by_patient(dataset, {"candidate": config.split, "safety": 1.0 - config.split}, seed=config.seed)
+    for name, part in parts.items():
+        if part.n_patients < config.min_patients:
+            raise ValueError(f"the {config.split:g} split leaves {part.n_patients} patients on the {name} side, "
+                             f"fewer than {config.min_patients}: certify on more logged patients or change --split")
+    behaviour_spec: dict[str, Any] = {"kind": "given", "name": getattr(behaviour, "name", "behaviour")}
+    if behaviour is None:
+        known = logging_policy(dataset)
+        if known is not None:
+            behaviour, behaviour_spec = known
+            say(f"current care: the logging policy the log records ({behaviour.name})")
+        else:
+            say(f"fitting the behaviour model on the {parts['candidate'].n_patients:,} candidate-selection patients")
+            f = parts["candidate"].frame
+            fitted: Policy = fit_behaviour_model(f.obs, f.allowed, f.action, seed=config.seed)[0]
+            behaviour = fitted
+            behaviour_spec = {"kind": "fitted", "patients": parts["candidate"].n_patients}
+    say(f"candidate selection on {parts['candidate'].n_patients:,} patients")
+    choose = _Split(parts["candidate"], policy, behaviour)
+    test = _Split(parts["safety"], policy, behaviour)
+    level = config.per_bound_confidence
+
+    scored: list[tuple[float, Candidate]] = []
+    for candidate in candidate_grid(config.weights, config.thresholds, config.truncations):
+        rho = trajectory_weights(choose.probs(candidate), choose.episodes)
+        score = predicted_lower_bound(rho, choose.remission, floor=0.0, truncation=candidate.truncation,
+                                      confidence=level, n_test=len(test))
+        scored.append((score, candidate))
+    # the best predicted bound; among equals the one closest to current care
+    best_score, chosen = max(scored, key=lambda sc: (round(sc[0], 12), -sc[1].weight, sc[1].threshold,
+                                                     -sc[1].truncation))
+    say(f"safety test of {chosen.describe()} on {parts['safety'].n_patients:,} patients")
+
+    candidate_policy = CandidatePolicy(policy, behaviour, chosen)
+    floor = float(choose.returns.min())
+    ceiling = float(choose.returns.max())
+
+    def bounds(probs: F64) -> tuple[PairedBound, PairedBound]:
+        rho = trajectory_weights(probs, test.episodes)
+        remission = paired_bound(rho, test.remission, floor=0.0, ceiling=1.0, truncation=chosen.truncation,
+                                 method=config.method, confidence=level)
+        reward = paired_bound(rho, test.returns, floor=floor, ceiling=ceiling, truncation=chosen.truncation,
+                              method=config.method, confidence=level)
+        return remission, reward
+
+    remission, reward = bounds(test.probs(chosen))
+    first_remission, first_reward = bounds(test.first_choice_probs(candidate_policy))
+
+    vignettes = dict(critical_vignettes(candidate_policy)) if critical_vignettes is not None else None
+    critical_failures = list(vignettes.get("critical_failures", [])) if vignettes else []
+    reasons = []
+    if remission.lower_bound <= 0:
+        reasons.append(f"remission lower bound {100 * remission.lower_bound:+.2f} pp is not above 0")
+    if critical_failures:
+        reasons.append(f"critical guideline vignette(s) failed: {', '.join(map(str, critical_failures))}")
+    certified = not reasons
+    estimator = (f"trajectory importance sampling, paired by episode, weights truncated at {chosen.truncation:g}; "
+                 f"behaviour probabilities as logged")
+    method = (f"HCPI: candidate chosen on {len(choose):,} episodes by predicted bound, safety test on {len(test):,} "
+              f"other episodes; one-sided {'Student t' if config.method == 't' else 'empirical Bernstein'} bound; "
+              f"Bonferroni over {N_BOUNDS} bounds (candidate and first choice x remission and reward), each at "
+              f"{100 * level:.2f} %")
+    if config.method == "bernstein":
+        method += f"; reward range assumed [{floor:.3g}, {ceiling:.3g}] (seen on the candidate part)"
+    certificate = Certificate(
+        certified=certified,
+        confidence=config.confidence,
+        method=method,
+        estimator=estimator,
+        lower_bound=100 * remission.lower_bound,
+        improvement=100 * remission.improvement,
+        reward_lower_bound=reward.lower_bound,
+        reward_improvement=reward.improvement,
+        behaviour_value={"remission": 100 * remission.behaviour_value, "reward": reward.behaviour_value + floor},
+        episodes={"candidate": len(choose), "safety": len(test)},
+        candidate={**chosen.as_dict(), "description": chosen.describe(), "predicted_lower_bound": 100 * best_score,
+                   "ess": remission.ess, "truncated_share": remission.truncated_share},
+        first_choice={"certified": bool(first_remission.lower_bound > 0),
+                      "lower_bound": 100 * first_remission.lower_bound,
+                      "improvement": 100 * first_remission.improvement,
+                      "reward_lower_bound": first_reward.lower_bound, "ess": first_remission.ess,
+                      "statement": _first_choice_statement(first_remission)},
+        data_sha256=dataset_sha256(dataset),
+        behaviour_probabilities="estimated" if dataset.behavior_prob_estimated else "logged",
+        behaviour_model=behaviour_spec,
+        reasons=reasons,
+        subgroups=_subgroups(test, test.probs(chosen), chosen, config.method, config.confidence),
+        selection=[{**c.as_dict(), "predicted_lower_bound": 100 * s} for s, c in scored],
+        vignettes=vignettes,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    if dataset.behavior_prob_estimated:
+        certificate = _replace(certificate, estimator=estimator.replace(
+            "behaviour probabilities as logged",
+            "behaviour probabilities estimated by carepath data import: the bound assumes the estimate is right"))
+    return Certification(_replace(certificate, id=_certificate_id(certificate)), candidate_policy, behaviour)
+
+
+def logging_policy(dataset: LoggedDataset) -> tuple[Policy, dict[str, Any]] | None:
+    """The policy that logged the data, when the log names a baseline and its probabilities were
+    logged, not estimated (simulated logs): then current care is known exactly, and a fitted model
+    of it, wrong by a little at every one of 26 weekly steps, would not stand in for it."""
+    from offline_data.schema import META_BEHAVIOR_POLICY
+    from policies.baselines import BASELINES, make_baseline
+
+    logged = dataset.metadata.get(META_BEHAVIOR_POLICY)
+    if dataset.behavior_prob_estimated or not isinstance(logged, dict) or logged.get("name") not in BASELINES:
+        return None
+    try:
+        epsilon = float(logged.get("epsilon", 0.0))
+    except (TypeError, ValueError):
+        return None
+    return make_baseline(str(logged["name"]), epsilon), {"kind": "baseline", "name": str(logged["name"]),
+                                                          "epsilon": epsilon}
+
+
+def _first_choice_statement(bound: PairedBound) -> str:
+    if bound.lower_bound > 0:
+        return "also certified if clinicians always take the first-ranked step"
+    return ("not covered: if clinicians always take the first-ranked step, the logged data cannot vouch for it "
+            f"(remission bound {100 * bound.lower_bound:+.1f} pp); the certificate covers choosing among the "
+            "ranked steps as the policy's probabilities weigh them")
+
+
+def _subgroups(split: _Split, probs: F64, chosen: Candidate, method: str, confidence: float) -> list[dict[str, Any]]:
+    """The safety test per subgroup (sex, age band, digital access at intake): descriptive, each at the
+    stated confidence without a multiplicity correction."""
+    rho = trajectory_weights(probs, split.episodes)
+    first = split.episodes.obs[:, 0, :]
+    out = []
+    for feature in SUBGROUP_FEATURES:
+        values = first[:, FEATURE_INDEX[feature]]
+        for value in np.unique(values):
+            rows = values == value
+            if rows.sum() < 2:
+                continue
+            b = paired_bound(rho[rows], split.remission[rows], floor=0.0, ceiling=1.0, truncation=chosen.truncation,
+                             method=method, confidence=confidence)
+            out.append({"feature": feature, "value": float(value), "episodes": int(rows.sum()),
+                        "improvement": 100 * b.improvement, "lower_bound": 100 * b.lower_bound,
+                        "behaviour_remission": 100 * b.behaviour_value})
+    return out
+
+
+def _replace(cert: Certificate, **changes: Any) -> Certificate:
+    return Certificate(**{**asdict(cert), **changes})
+
+
+def _certificate_id(cert: Certificate) -> str:
+    body = {k: v for k, v in cert.as_dict().items() if k not in ("id",)}
+    text = json.dumps(body, sort_keys=True, default=_jsonable)
+    return "cert-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return str(value)
+
+
+__all__ = ["N_BOUNDS", "Certificate", "Certification", "CertifyConfig", "certify", "dataset_sha256", "episode_returns",
+           "remission_outcome", "trajectory_weights"]
