@@ -192,7 +192,8 @@ def _evaluate_estimators(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _evaluate_policies(specs: list[str]) -> dict[str, Any]:
-    from policies import BASELINES, BundleError, load
+    from policies import BundleError, load
+    from policies.baselines import baseline_from_spec
 
     policies: dict[str, Any] = {}
     for spec in specs:
@@ -205,18 +206,10 @@ def _evaluate_policies(specs: list[str]) -> dict[str, Any]:
                 raise _EvaluateError(f"--policy {spec}: the bundle does not load: {err}") from None
             label = str(policy.name)
         else:
-            name, _, eps_text = spec.partition(":")
-            if name not in BASELINES:
-                raise _EvaluateError(f"--policy {spec}: unknown policy: not a baseline name "
-                                     f"({', '.join(sorted(BASELINES))}, optionally with ':epsilon') and no bundle "
-                                     f"folder at {path}")
             try:
-                epsilon = float(eps_text) if eps_text else 0.0
-            except ValueError:
-                raise _EvaluateError(f"--policy {spec}: epsilon {eps_text!r} is not a number") from None
-            if not 0.0 <= epsilon <= 1.0:
-                raise _EvaluateError(f"--policy {spec}: epsilon must be in [0, 1], got {eps_text}")
-            policy = make_baseline(name, epsilon)
+                policy = baseline_from_spec(spec)
+            except ValueError as err:
+                raise _EvaluateError(f"--policy {spec}: {err} (and no bundle folder at {path})") from None
             label = spec
         k, unique = 1, label
         while unique in policies:

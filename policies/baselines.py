@@ -214,4 +214,21 @@ def make_baseline(name: str, epsilon: float = 0.0) -> StardPolicy | UsualCarePol
     return cls(epsilon=epsilon)
 
 
-__all__ = ["ACTION_NAMES", "BASELINES", "RandomPolicy", "StardPolicy", "UsualCarePolicy", "make_baseline"]
+def baseline_from_spec(spec: str) -> StardPolicy | UsualCarePolicy | RandomPolicy:
+    """A baseline from ``name[:epsilon]`` (``stard``, ``usual_care:0.1``); the errors say what is wrong
+    with the spec, for the caller to prefix with where it came from."""
+    name, _, eps_text = spec.partition(":")
+    if name not in BASELINES:
+        raise ValueError(f"unknown policy: not a baseline name ({', '.join(sorted(BASELINES))}, optionally with "
+                         "':epsilon')")
+    try:
+        epsilon = float(eps_text) if eps_text else 0.0
+    except ValueError:
+        raise ValueError(f"epsilon {eps_text!r} is not a number") from None
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in [0, 1], got {eps_text}")
+    return make_baseline(name, epsilon)
+
+
+__all__ = ["ACTION_NAMES", "BASELINES", "RandomPolicy", "StardPolicy", "UsualCarePolicy", "baseline_from_spec",
+           "make_baseline"]

@@ -404,22 +404,16 @@ def score(policy: Policy, cases: Sequence[Vignette], name: str | None = None) ->
 def resolve_policy(spec: str) -> Policy:
     """A policy from a spec: a bundle folder, or a baseline name with an optional
     exploration share (``stard``, ``usual_care:0.1``, ``random``), as ``carepath evaluate`` reads it."""
-    from policies import BASELINES, load, make_baseline
+    from policies import load
+    from policies.baselines import baseline_from_spec
 
     path = Path(spec)
     if path.exists():
         return load(path)  # BundleError (a ValueError) names the file and field
-    name, _, eps_text = spec.partition(":")
-    if name not in BASELINES:
-        raise ValueError(f"--policy {spec}: not a policy bundle folder and not a baseline name "
-                         f"({', '.join(sorted(BASELINES))}, optionally with ':epsilon')")
     try:
-        epsilon = float(eps_text) if eps_text else 0.0
-    except ValueError:
-        raise ValueError(f"--policy {spec}: epsilon {eps_text!r} is not a number") from None
-    if not 0.0 <= epsilon <= 1.0:
-        raise ValueError(f"--policy {spec}: epsilon must be in [0, 1], got {eps_text}")
-    return make_baseline(name, epsilon)
+        return baseline_from_spec(spec)
+    except ValueError as err:
+        raise ValueError(f"--policy {spec}: {err} (and no policy bundle folder at {path})") from None
 
 
 __all__ = [
