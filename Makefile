@@ -31,12 +31,16 @@ demo: venv
 	$(BIN)/carepath calibrate --scale 0.5 --plot reports/demo/trajectories.png --json reports/demo/calibration.json
 	$(BIN)/python train.py overwrite=true
 	@echo
-	@echo "A sample recommendation for a synthetic patient (examples/patient.json):"
+	@echo "The policy on textbook cases (guideline vignettes; a critical failure blocks certification):"
+	$(BIN)/carepath vignettes --policy runs/cql/seed0/policy --out reports/demo/vignettes.json
+	@echo
+	@echo "A sample recommendation for a synthetic patient (examples/patient.json), with the policy's certificate:"
 	$(BIN)/carepath recommend --policy runs/cql/seed0/policy --patient examples/patient.json
 	@echo
 	@echo "Serve it to clinicians (REST API, CDS Hooks, the page at http://127.0.0.1:8000/):"
 	@echo "  $(BIN)/carepath tokens create clinic      # prints a bearer token once: paste it into the page"
-	@echo "  $(BIN)/carepath serve --policy runs/cql/seed0/policy"
+	@echo "  $(BIN)/carepath serve --policy runs/cql/seed0/policy   # refused unless certified;"
+	@echo "    add --allow-uncertified to serve it anyway, with a banner saying no certificate vouches for it"
 	@echo
 	@echo "Decision support only: every figure above comes from simulated patients."
 

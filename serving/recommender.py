@@ -108,6 +108,8 @@ class Recommender:
         disagreement = benefit_disagreement(benefit.lo[0], benefit.hi[0], benefit.change[0], mask, shown[0])
         if disagreement is not None:
             alerts.append(disagreement)
+        # a reason that rests on a value the clinician did not give must say so
+        assumed = {i.name for i in patient.imputed}
         suggestions = []
         for rank, a in enumerate(shown, start=1):
             rationale = None
@@ -116,7 +118,8 @@ class Recommender:
                     method=f"SHAP permutation explainer against {len(self.explainer.background)} k-means background "
                            f"points; values add up to score minus base value",
                     base_value=float(explanation.base_values[a]), score=float(explanation.scores[a]),
-                    contributions=[Contribution(**vars(c)) for c in explanation.top(a, obs, TOP_CONTRIBUTIONS)])
+                    contributions=[_flag_assumed(Contribution(**vars(c)), assumed)
+                                   for c in explanation.top(a, obs, TOP_CONTRIBUTIONS)])
             suggestions.append(Suggestion(
                 id=str(uuid.uuid4()), rank=rank, action=ACTION_NAMES[a], label=ACTION_LABELS[ACTION_NAMES[a]],
                 care_class=ACTION_CARE_CLASS[ACTION_NAMES[a]], score=float(scores[a]),
@@ -236,6 +239,12 @@ def certification_info(certificate: Mapping[str, Any]) -> Certification:
     return Certification(certified=certified, id=certificate.get("id"), statement=statement,
                          first_choice=str(first) if first else None, confidence=confidence,
                          lower_bound_pp=bound, improvement_pp=estimate)
+
+
+def _flag_assumed(contribution: Contribution, assumed: set[str]) -> Contribution:
+    if contribution.feature in assumed:
+        contribution.text += " (assumed: not given; enter it to check)"
+    return contribution
 
 
 def _number(value: Any) -> float | None:

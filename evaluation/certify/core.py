@@ -49,6 +49,9 @@ F64 = NDArray[np.float64]
 REMISSION_BELOW = 5.0  # PHQ-9 < 5 (Kroenke 2001)
 #: Bounds stated on the safety part: candidate and first choice, remission and reward.
 N_BOUNDS = 4
+#: A bound must clear 0 by more than rounding: a candidate equal to current care has ratios of 1
+#: up to float32 round-off of the logged probabilities, and must not certify on that.
+MIN_CERTIFIED_BOUND = 1e-6
 METHODS_HELP = ("bound of the safety test: 't' (one-sided Student t, HCPI's choice: tight, trusts the central "
                 "limit theorem) or 'bernstein' (empirical Bernstein: exact for remission, looser)")
 
@@ -157,7 +160,7 @@ def dataset_sha256(dataset: LoggedDataset) -> str:
     return digest.hexdigest()
 
 
-class _Split:
+class LoggedPart:
     """One part of the certification patients, with both policies' probabilities computed once."""
 
     def __init__(self, dataset: LoggedDataset, policy: Policy, behaviour: Policy) -> None:
@@ -226,8 +229,8 @@ def certify(
             behaviour = fitted
             behaviour_spec = {"kind": "fitted", "patients": parts["candidate"].n_patients}
     say(f"candidate selection on {parts['candidate'].n_patients:,} patients")
-    choose = _Split(parts["candidate"], policy, behaviour)
-    test = _Split(parts["safety"], policy, behaviour)
+    choose = LoggedPart(parts["candidate"], policy, behaviour)
+    test = LoggedPart(parts["safety"], policy, behaviour)
     level = config.per_bound_confidence
 
     scored: list[tuple[float, Candidate]] = []
@@ -259,7 +262,7 @@ def certify(
     vignettes = dict(critical_vignettes(candidate_policy)) if critical_vignettes is not None else None
     critical_failures = list(vignettes.get("critical_failures", [])) if vignettes else []
     reasons = []
-    if remission.lower_bound <= 0:
+    if remission.lower_bound <= MIN_CERTIFIED_BOUND:
         reasons.append(f"remission lower bound {100 * remission.lower_bound:+.2f} pp is not above 0")
     if critical_failures:
         reasons.append(f"critical guideline vignette(s) failed: {', '.join(map(str, critical_failures))}")
@@ -285,7 +288,7 @@ def certify(
         episodes={"candidate": len(choose), "safety": len(test)},
         candidate={**chosen.as_dict(), "description": chosen.describe(), "predicted_lower_bound": 100 * best_score,
                    "ess": remission.ess, "truncated_share": remission.truncated_share},
-        first_choice={"certified": bool(first_remission.lower_bound > 0),
+        first_choice={"certified": bool(first_remission.lower_bound > MIN_CERTIFIED_BOUND),
                       "lower_bound": 100 * first_remission.lower_bound,
                       "improvement": 100 * first_remission.improvement,
                       "reward_lower_bound": first_reward.lower_bound, "ess": first_remission.ess,
@@ -325,14 +328,15 @@ def logging_policy(dataset: LoggedDataset) -> tuple[Policy, dict[str, Any]] | No
 
 
 def _first_choice_statement(bound: PairedBound) -> str:
-    if bound.lower_bound > 0:
+    if bound.lower_bound > MIN_CERTIFIED_BOUND:
         return "also certified if clinicians always take the first-ranked step"
     return ("not covered: if clinicians always take the first-ranked step, the logged data cannot vouch for it "
             f"(remission bound {100 * bound.lower_bound:+.1f} pp); the certificate covers choosing among the "
             "ranked steps as the policy's probabilities weigh them")
 
 
-def _subgroups(split: _Split, probs: F64, chosen: Candidate, method: str, confidence: float) -> list[dict[str, Any]]:
+def _subgroups(split: LoggedPart, probs: F64, chosen: Candidate, method: str,
+               confidence: float) -> list[dict[str, Any]]:
     """The safety test per subgroup (sex, age band, digital access at intake): descriptive, each at the
     stated confidence without a multiplicity correction."""
     rho = trajectory_weights(probs, split.episodes)

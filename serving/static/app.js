@@ -288,12 +288,26 @@
 
   // ------------------------------------------------------------------ recommend
 
+  const SAFETY_FIELDS = ["phq9_item9", "dose_level", "weeks_on_dose", "weeks_on_step", "on_augmentation",
+    "on_psychotherapy", "on_digital", "digital_access", "in_specialist_care", "weeks_well"];
+
   async function recommend(event) {
     event.preventDefault();
     clearError();
     const { features, problems } = readFeatures();
     if (problems.length) {
       showError("Please check the patient's features: " + problems.join("; "));
+      return;
+    }
+    // the fields the safety rules read (envs/rules.py RULE_FEATURES): ask for them before answering;
+    // a second press answers with the cautious assumption for each, which the answer lists
+    const missing = SAFETY_FIELDS.filter((name) => state.fields[name] && !(name in features));
+    const key = missing.join(",");
+    if (missing.length && state.confirmedMissing !== key) {
+      state.confirmedMissing = key;
+      showError("The safety rules read these fields, which are empty: " + missing.map(labelOf).join(", ") +
+        ". Enter them, or press Recommend again to answer assuming each the cautious way " +
+        "(a step it could rule out is not suggested, and the answer says what was assumed).");
       return;
     }
     const body = { features, top_k: Number($("top-k").value), explain: true };

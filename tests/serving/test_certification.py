@@ -106,3 +106,23 @@ def test_an_audit_store_from_before_certificates_gains_the_column(tmp_path: Path
     assert "certificate_id" in columns
     with engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM recommendations")).scalar() == 1
+
+
+def test_a_reason_resting_on_an_assumed_value_says_so(prepared_bundle: Path):
+    from serving.recommender import _flag_assumed
+    from serving.schemas import Contribution
+
+    flagged = _flag_assumed(Contribution(feature="on_psychotherapy", value=1.0, shap=0.4, text="in psychotherapy"),
+                            {"on_psychotherapy"})
+    assert flagged.text.startswith("in psychotherapy (assumed: not given")
+    kept = _flag_assumed(Contribution(feature="phq9", value=18.0, shap=0.4, text="PHQ-9 18"), {"on_psychotherapy"})
+    assert kept.text == "PHQ-9 18"
+    # end to end: every reason about a feature the clinician left out carries the flag
+    features = {k: v for k, v in PATIENT.items() if k != "on_psychotherapy"}
+    answer = Recommender(prepared_bundle, warm=False).recommend(features, top_k=5)
+    assumed = {i.feature for i in answer.imputed}
+    assert "on_psychotherapy" in assumed
+    for s in answer.suggestions:
+        assert s.rationale is not None
+        for c in s.rationale.contributions:
+            assert ("(assumed: not given" in c.text) == (c.feature in assumed), c

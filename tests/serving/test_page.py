@@ -226,6 +226,10 @@ def test_recommend_shows_ranked_steps_rationale_and_blocked_rules(page: Page, tm
     assert RULE_BY_NAME["already_in_psychotherapy"].description in rules.all_inner_texts()
     banner = tab.get_by_test_id("decision-support")
     assert banner.is_visible() and "Decision support only" in banner.inner_text()
+    # the test bundle has no certificate: the page says so above everything else
+    certification = tab.get_by_test_id("certification")
+    assert certification.is_visible() and "Not certified" in certification.inner_text()
+    assert certification.get_attribute("role") == "alert"
     imputed = tab.get_by_test_id("imputed").inner_text()
     assert "Sleep" in imputed and "PHQ-9" not in imputed  # example A gives all but the wearable features
     assert tab.get_by_test_id("evaluation-summary").locator("li").count() >= 1
@@ -256,6 +260,11 @@ def test_item9_shows_critical_alert_and_only_referral(page: Page) -> None:
 
 def test_missing_features_are_listed_as_assumed(page: Page) -> None:
     tab = _recommend(page.page, page.server.token, example_index=3)
+    # the page first asks for the fields the safety rules read; a second press answers anyway
+    error = tab.get_by_test_id("error-box")
+    error.wait_for()
+    assert "safety rules read these fields" in error.inner_text() and tab.get_by_test_id("suggestion").count() == 0
+    tab.get_by_test_id("recommend").click()
     _wait_for_suggestions(tab)
     imputed = tab.get_by_test_id("imputed").inner_text()
     assert "assumed:" in imputed and "PHQ-9 item 9" in imputed
@@ -347,3 +356,12 @@ def test_narrow_screen_has_no_sideways_scroll(browser: Any, live_server: LiveSer
         _check_clean(log)
     finally:
         context.close()
+
+
+def test_the_page_asks_for_exactly_the_fields_the_safety_rules_read() -> None:
+    from envs.rules import RULE_FEATURES
+
+    script = (STATIC_DIR / "app.js").read_text()
+    listed = re.search(r"const SAFETY_FIELDS = \[([^\]]*)\]", script)
+    assert listed is not None
+    assert tuple(re.findall(r'"([a-z0-9_]+)"', listed.group(1))) == RULE_FEATURES
