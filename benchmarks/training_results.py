@@ -28,6 +28,8 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
         for path in sorted(folder.rglob("metrics.json")):
             metrics = json.loads(path.read_text())
             policy, behaviour = metrics["evaluation"]["policy"], metrics["evaluation"]["behaviour"]
+            cert = (metrics.get("certification") or {}).get("certificate")
+            certified_truth = (metrics.get("certification") or {}).get("certified_policy_ground_truth")
             runs.append({
                 "agent": metrics["agent"], "seed": metrics["seed"], "run": str(path.parent),
                 "remission": policy["remission"], "behaviour_remission": behaviour["remission"],
@@ -40,6 +42,14 @@ def collect(folders: list[Path]) -> list[dict[str, Any]]:
                 # the behaviour policy's true rate inside this policy's 95 % interval
                 "behaviour_inside_interval": policy["remission"]["low"] <= behaviour["remission"]["value"]
                 <= policy["remission"]["high"],
+                # certification on held-out logged patients (offline runs; None: not certified by train.py)
+                "certified": None if cert is None else bool(cert["certified"]),
+                "certificate_lower_bound_pp": None if cert is None else cert["lower_bound"],
+                "certificate_estimate_pp": None if cert is None else cert["improvement"],
+                "certified_candidate": None if cert is None else cert["candidate"].get("description"),
+                "vignettes": None if cert is None else cert.get("vignettes"),
+                "certified_policy_remission": None if certified_truth is None
+                else certified_truth["remission"]["value"],
             })
     if not runs:
         raise SystemExit(f"training_results: no metrics.json under {', '.join(map(str, folders))}")
@@ -65,6 +75,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "blocked_actions_chosen": sum(r["blocked_actions_chosen"] for r in mine),
             "cost_per_remission_mean": _mean([r["cost_per_remission"] for r in mine]),
             "behaviour_cost_per_remission": mine[0]["behaviour_cost_per_remission"],
+            "certified_runs": sum(bool(r["certified"]) for r in mine),
         }
     return agents
 
@@ -85,6 +96,13 @@ def main() -> None:
               f"[{100 * rem['low']:.1f}, {100 * rem['high']:.1f}] vs {r['behaviour']} {100 * beh['value']:.1f} % "
               f"[{100 * beh['low']:.1f}, {100 * beh['high']:.1f}]  {100 * r['relative_gain']:+.0f} %  "
               f"blocked {r['blocked_actions_chosen']}")
+        if r["certified"] is not None:
+            vig = r["vignettes"] or {}
+            print(f"{'':14s}   certificate: {'certified' if r['certified'] else 'not certified'}, remission bound "
+                  f"{r['certificate_lower_bound_pp']:+.2f} pp (estimate {r['certificate_estimate_pp']:+.2f}), "
+                  f"{r['certified_candidate']}; vignettes first {100 * vig.get('first_share', float('nan')):.0f} % "
+                  f"top-3 {100 * vig.get('top3_share', float('nan')):.0f} %, critical failures "
+                  f"{', '.join(vig.get('critical_failures', [])) or 'none'}")
     agents = summarise(runs)
     for name, s in agents.items():
         print(f"{name:14s} seeds {s['seeds']}: mean remission {100 * s['remission_mean']:.1f} % vs "

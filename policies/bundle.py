@@ -319,7 +319,8 @@ class BundlePolicy:
         #: a certified bundle serves the certified candidate: the network mixed with current care
         self.served: Candidate | None = None
         self.behaviour: Any = behaviour
-        candidate = manifest.certificate.get("candidate") if manifest.certificate else None
+        # only a certified candidate is served; an uncertified bundle serves its network (with a banner)
+        candidate = manifest.certificate.get("candidate") if manifest.certificate.get("certified") else None
         spec = manifest.certificate.get("behaviour_model") if manifest.certificate else None
         if candidate is not None and isinstance(spec, dict) and spec.get("kind") == "baseline":
             # current care is a known baseline policy (the log was simulated under it)

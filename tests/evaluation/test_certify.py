@@ -225,12 +225,17 @@ def test_certify_writes_a_new_bundle_that_serves_the_certified_candidate(log_pat
     for key in ("certified", "method", "estimator", "lower_bound", "improvement", "reward_lower_bound",
                 "behaviour_value", "episodes", "candidate", "data_sha256", "vignettes"):
         assert key in cert, key
-    # what is served is the certified candidate: the network's choice mixed with current care
+    # a certified bundle serves its candidate (the network mixed with current care); an uncertified
+    # one serves its network, under a banner
     obs, mask = _rows()
     served = policy.action_probs(obs, mask)
     network = policy.network_probs(obs, mask)
-    assert policy.served is not None
-    expected = policy.served.combine(network, make_baseline("random", 0.0).action_probs(obs, mask), mask)
+    if cert["certified"]:
+        assert policy.served is not None
+        expected = policy.served.combine(network, make_baseline("random", 0.0).action_probs(obs, mask), mask)
+    else:
+        assert policy.served is None
+        expected = network
     assert np.allclose(served, expected) and (served[~mask] == 0).all()
 
 
