@@ -27,6 +27,7 @@
     adherence: "Adherence (share of doses)",
     engagement: "Engagement",
     weeks_in_care: "Weeks in care",
+    weeks_well: "Weeks in sustained remission (PHQ-9 < 5, none >= 10 since)",
     age_band: "Age band",
     sex: "Sex",
     prior_episodes: "Prior episodes",
@@ -37,7 +38,7 @@
   const GROUPS = [
     ["Symptoms", ["phq9", "phq9_item9", "gad7", "phq9_change_4w", "phq9_at_intake", "weeks_since_measurement"]],
     ["Current care", ["treatment_level", "weeks_on_step", "dose_level", "weeks_on_dose", "on_psychotherapy",
-      "on_digital", "on_augmentation", "in_specialist_care", "weeks_in_care"]],
+      "on_digital", "on_augmentation", "in_specialist_care", "weeks_in_care", "weeks_well"]],
     ["Tolerability and engagement", ["side_effect_burden", "adherence", "engagement"]],
     ["Patient", ["age_band", "sex", "prior_episodes", "digital_access"]],
     ["Wearable (often missing)", ["sleep_hours", "daily_steps"]],
