@@ -149,10 +149,14 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
                          "data vouches for it against current care. Run 'carepath certify --policy BUNDLE --data LOG "
                          "--out CERTIFIED', or pass --allow-uncertified to serve it with a banner saying so")
     engine = make_engine(settings.db_url)
+    audit = AuditStore(engine, pseudonym_key(settings.db_url, settings.key_file))
+    # a key that does not match the store refuses the start, naming both fingerprints, rather than
+    # answering 422 to every request
+    audit.check_key()
     state = ServingState(recommenders=recommenders, default_policy=next(iter(recommenders)),
                          tokens=TokenStore(engine, cache_seconds=settings.token_cache_seconds),
-                         audit=AuditStore(engine, pseudonym_key(settings.db_url, settings.key_file)),
-                         settings=settings, limiter=RateLimiter(settings.rate_limit, settings.rate_burst))
+                         audit=audit, settings=settings,
+                         limiter=RateLimiter(settings.rate_limit, settings.rate_burst))
 
     app = FastAPI(title="carepath", version=__version__, docs_url=None, redoc_url=None,
                   description="Decision support for the next step of depression care: ranked next steps with "

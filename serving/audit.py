@@ -177,7 +177,7 @@ class AuditStore:
             request_json=_to_json(scrub(request, patient_id, patient), "request"),
             response_json=_to_json(scrub(response, patient_id, patient), "response"),
         )
-        self._check_key()
+        self.check_key()
         # a Core insert in its own transaction: one row, committed (and, on SQLite, synced)
         # before the answer leaves; the ORM's unit of work would double the cost per request
         try:
@@ -210,7 +210,7 @@ class AuditStore:
         if outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}; expected one of {', '.join(OUTCOMES)}")
         clinician = None if clinician_id is None else pseudonymise(clinician_id, self._key)
-        self._check_key()
+        self.check_key()
         with Session(self.engine) as session:
             if session.get(RecommendationRecord, audit_id) is None:
                 raise UnknownAuditId(audit_id)
@@ -222,7 +222,7 @@ class AuditStore:
             session.commit()
             return row.id
 
-    def _check_key(self) -> None:
+    def check_key(self) -> None:
         """Refuse to write under a different key than the store was written with: the
         same patient would silently get two pseudonyms. The key's fingerprint is kept
         in the store (as safe as any pseudonym)."""

@@ -335,3 +335,20 @@ def test_a_recorded_row_survives_sigkill(db):
     audit_id = done.stdout.strip()
     got = AuditStore(engine, KEY).get(audit_id)
     assert got is not None and got.features == features
+
+
+def test_serve_refuses_to_start_with_a_key_that_does_not_match_the_store(prepared_bundle, tmp_path):
+    import pytest
+
+    from offline_data.pseudonymise import key_fingerprint
+    from serving.app import ServeSettings, create_app
+
+    db_url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
+    first, second = tmp_path / "first.key", tmp_path / "second.key"
+    first.write_bytes(b"k" * 32)
+    second.write_bytes(b"z" * 32)
+    create_app(ServeSettings(policies=[prepared_bundle], db_url=db_url, key_file=str(first), allow_uncertified=True))
+    with pytest.raises(ValueError, match="another key") as refused:
+        create_app(ServeSettings(policies=[prepared_bundle], db_url=db_url, key_file=str(second),
+                                 allow_uncertified=True))
+    assert key_fingerprint(b"k" * 32) in str(refused.value) and key_fingerprint(b"z" * 32) in str(refused.value)

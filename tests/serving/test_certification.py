@@ -126,3 +126,4 @@ def test_a_reason_resting_on_an_assumed_value_says_so(prepared_bundle: Path):
         assert s.rationale is not None
         for c in s.rationale.contributions:
             assert ("(assumed: not given" in c.text) == (c.feature in assumed), c
+
