@@ -338,8 +338,6 @@ def test_a_recorded_row_survives_sigkill(db):
 
 
 def test_serve_refuses_to_start_with_a_key_that_does_not_match_the_store(prepared_bundle, tmp_path):
-    import pytest
-
     from offline_data.pseudonymise import key_fingerprint
     from serving.app import ServeSettings, create_app
 
