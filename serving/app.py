@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from carepath import __version__
@@ -169,6 +170,8 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
     app.add_middleware(SecurityHeaders)  # outermost: every answer gets the headers, 413s included
     app.exception_handler(ValueError)(_value_error)
+    app.exception_handler(OperationalError)(_store_unavailable)
+    app.exception_handler(InterfaceError)(_store_unavailable)
 
     @app.get("/healthz", tags=["meta"])
     async def healthz(state: StateDep) -> dict[str, Any]:
@@ -362,6 +365,20 @@ class StrictJSONRoute(APIRoute):
             return await handler(_StrictJSONRequest(request.scope, request.receive))
 
         return strict
+
+
+#: Seconds a client should wait before retrying while the audit store is unreachable.
+STORE_RETRY_AFTER = 5
+
+
+async def _store_unavailable(request: Request, err: Exception) -> JSONResponse:
+    # The audit store (or the token table in it) is unreachable: PostgreSQL stopped, SQLite
+    # locked. No answer leaves without its audit row, so the answer is 503, not a 500 with a
+    # traceback; the engine's pool reconnects by itself once the database is back.
+    log.warning("audit store unavailable (%s): answered 503", type(getattr(err, "orig", err)).__name__)
+    return JSONResponse({"detail": "the audit store is unavailable, so no recommendation can be recorded or "
+                                   f"given; retry in {STORE_RETRY_AFTER} seconds"},
+                        status_code=503, headers={"Retry-After": str(STORE_RETRY_AFTER)})
 
 
 async def _value_error(request: Request, err: Exception) -> JSONResponse:

@@ -350,3 +350,24 @@ def test_serve_refuses_to_start_with_a_key_that_does_not_match_the_store(prepare
         create_app(ServeSettings(policies=[prepared_bundle], db_url=db_url, key_file=str(second),
                                  allow_uncertified=True))
     assert key_fingerprint(b"k" * 32) in str(refused.value) and key_fingerprint(b"z" * 32) in str(refused.value)
+
+
+def test_an_unreachable_audit_store_answers_503_with_no_recommendation_and_recovers(served, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from tests.serving.conftest import PATIENT
+
+    state = served.client.app.state.carepath  # type: ignore[attr-defined]
+    before = state.audit.count_recommendations()
+
+    def down(**_: object) -> str:
+        raise OperationalError("INSERT INTO recommendations", {}, ConnectionRefusedError("connection refused"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(state.audit, "record_recommendation", down)
+        r = served.client.post("/v1/recommendations", json={"features": PATIENT}, headers=served.headers)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "5"
+        assert "audit store is unavailable" in r.json()["detail"] and "suggestions" not in r.json()
+    # the store is back: answers (and audit rows) resume without a restart
+    r = served.client.post("/v1/recommendations", json={"features": PATIENT}, headers=served.headers)
+    assert r.status_code == 200 and state.audit.count_recommendations() == before + 1
