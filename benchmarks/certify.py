@@ -39,7 +39,7 @@ import numpy as np
 from scipy import stats
 from tqdm import tqdm
 
-from evaluation.certify import CertifyConfig, certify
+from evaluation.certify import Certificate, CertifyConfig, certify
 from evaluation.certify.bounds import paired_bound, predicted_lower_bound
 from evaluation.certify.core import LoggedPart, trajectory_weights
 from evaluation.ground_truth import rollout
@@ -85,6 +85,14 @@ class Truth:
             served = CandidatePolicy(policy, make_baseline(*BEHAVIOUR), candidate)
             self.cache[key] = rollout(served, self.patients, seed=self.seed).remission.value - self.behaviour
         return self.cache[key]
+
+
+def certify_and_score(name: str, policy: Policy, data: LoggedDataset, config: CertifyConfig,
+                      truth: Truth) -> tuple[Certificate, Candidate, float]:
+    """The certificate on this log, its chosen candidate and that candidate's true gain (pp)."""
+    cert = certify(policy, data, make_baseline(*BEHAVIOUR), config).certificate
+    chosen = Candidate.from_dict({k: cert.candidate[k] for k in ("family", "weight", "threshold", "truncation")})
+    return cert, chosen, 100 * truth.improvement(name, policy, chosen)
 
 
 def trade_off(name: str, policy: Policy, data: LoggedDataset, config: CertifyConfig, truth: Truth) -> list[dict]:
@@ -134,10 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             generate(path, policy=BEHAVIOUR[0], epsilon=BEHAVIOUR[1], patients=args.patients, seed=10_000 + i)
             data = load_dataset(path)
             for name, policy in targets.items():
-                cert = certify(policy, data, make_baseline(*BEHAVIOUR), config).certificate
-                chosen = Candidate.from_dict({k: cert.candidate[k] for k in ("family", "weight", "threshold",
-                                                                              "truncation")})
-                true = 100 * truth.improvement(name, policy, chosen)
+                cert, chosen, true = certify_and_score(name, policy, data, config, truth)
                 per_log.append({"log": i, "target": name, "certified": cert.certified,
                                 "lower_bound_pp": cert.lower_bound, "estimate_pp": cert.improvement,
                                 "true_improvement_pp": true, "candidate": chosen.describe(),
@@ -152,10 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             generate(path, policy=BEHAVIOUR[0], epsilon=BEHAVIOUR[1], patients=args.default_size, seed=99_999)
             data = load_dataset(path)
             for name, policy in targets.items():
-                cert = certify(policy, data, make_baseline(*BEHAVIOUR), config).certificate
-                chosen = Candidate.from_dict({k: cert.candidate[k] for k in ("family", "weight", "threshold",
-                                                                              "truncation")})
-                true = 100 * truth.improvement(name, policy, chosen)
+                cert, chosen, true = certify_and_score(name, policy, data, config, truth)
                 default_size.append({"target": name, "patients": args.default_size, "certified": cert.certified,
                                      "lower_bound_pp": cert.lower_bound, "estimate_pp": cert.improvement,
                                      "true_improvement_pp": true,
