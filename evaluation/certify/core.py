@@ -292,7 +292,7 @@ def certify(
                       "lower_bound": 100 * first_remission.lower_bound,
                       "improvement": 100 * first_remission.improvement,
                       "reward_lower_bound": first_reward.lower_bound, "ess": first_remission.ess,
-                      "statement": _first_choice_statement(first_remission)},
+                      "statement": _first_choice_statement(first_remission, certified)},
         data_sha256=dataset_sha256(dataset),
         behaviour_probabilities="estimated" if dataset.behavior_prob_estimated else "logged",
         behaviour_model=behaviour_spec,
@@ -327,12 +327,14 @@ def logging_policy(dataset: LoggedDataset) -> tuple[Policy, dict[str, Any]] | No
                                                           "epsilon": epsilon}
 
 
-def _first_choice_statement(bound: PairedBound) -> str:
+def _first_choice_statement(bound: PairedBound, certified: bool) -> str:
     if bound.lower_bound > MIN_CERTIFIED_BOUND:
         return "also certified if clinicians always take the first-ranked step"
-    return ("not covered: if clinicians always take the first-ranked step, the logged data cannot vouch for it "
-            f"(remission bound {100 * bound.lower_bound:+.1f} pp); the certificate covers choosing among the "
-            "ranked steps as the policy's probabilities weigh them")
+    text = ("not covered: if clinicians always take the first-ranked step, the logged data cannot vouch for it "
+            f"(remission bound {100 * bound.lower_bound:+.1f} pp)")
+    if certified:
+        text += "; the certificate covers choosing among the ranked steps as the policy's probabilities weigh them"
+    return text
 
 
 def _subgroups(split: LoggedPart, probs: F64, chosen: Candidate, method: str,
