@@ -34,12 +34,15 @@ FAMILIES: tuple[str, ...] = ("mixture", "spibb")
 
 @dataclass(frozen=True)
 class Candidate:
-    """One member of a candidate family; ``truncation`` caps its importance weights in the bounds."""
+    """One member of a candidate family, with how certification bounds it: ``estimator`` "is"
+    (trajectory importance sampling, weights capped at ``truncation``) or "dr" (doubly robust,
+    uncapped). The estimator changes the certificate, never what is served."""
 
     family: Family
     weight: float = 1.0  # mixture: share of the trained policy
     threshold: float = 0.0  # spibb: behaviour probability under which pi_b is kept
     truncation: float = 20.0
+    estimator: str = "is"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -50,6 +53,8 @@ class Candidate:
             raise ValueError(f"SPIBB threshold must be in [0, 1), got {self.threshold}")
         if not self.truncation >= 1.0:
             raise ValueError(f"weight truncation must be at least 1, got {self.truncation}")
+        if self.estimator not in ("is", "dr"):
+            raise ValueError(f"candidate estimator must be 'is' or 'dr', got {self.estimator!r}")
 
     def combine(self, trained: FloatArray, current: FloatArray, mask: BoolArray) -> FloatArray:
         """This candidate's probabilities from the trained policy's and current care's."""
@@ -69,24 +74,29 @@ class Candidate:
     def from_dict(cls, d: Any) -> Candidate:
         if not isinstance(d, dict):
             raise ValueError(f"a candidate must be an object, got {type(d).__name__}")
-        unknown = sorted(set(d) - {"family", "weight", "threshold", "truncation"})
+        unknown = sorted(set(d) - {"family", "weight", "threshold", "truncation", "estimator"})
         if unknown:
             raise ValueError(f"candidate has unknown key(s) {unknown}")
         try:
             return cls(family=d["family"], weight=float(d.get("weight", 1.0)),
-                       threshold=float(d.get("threshold", 0.0)), truncation=float(d.get("truncation", 20.0)))
+                       threshold=float(d.get("threshold", 0.0)), truncation=float(d.get("truncation", 20.0)),
+                       estimator=str(d.get("estimator", "is")))
         except KeyError:
             raise ValueError("candidate lacks its 'family'") from None
         except (TypeError, ValueError) as err:
             raise ValueError(f"candidate: {err}") from None
 
 
-def candidate_grid(weights: tuple[float, ...], thresholds: tuple[float, ...],
-                   truncations: tuple[float, ...]) -> list[Candidate]:
-    """Every mixture weight and SPIBB threshold, each with every weight truncation."""
+def candidate_grid(weights: tuple[float, ...], thresholds: tuple[float, ...], truncations: tuple[float, ...],
+                   doubly_robust: bool = False) -> list[Candidate]:
+    """Every mixture weight and SPIBB threshold, each with every weight truncation (and, with
+    ``doubly_robust``, once more bounded by the doubly robust estimator)."""
     members = [Candidate("mixture", weight=w) for w in weights] + [
         Candidate("spibb", threshold=t) for t in thresholds]
-    return [Candidate(m.family, m.weight, m.threshold, c) for m in members for c in truncations]
+    grid = [Candidate(m.family, m.weight, m.threshold, c) for m in members for c in truncations]
+    if doubly_robust:
+        grid += [Candidate(m.family, m.weight, m.threshold, estimator="dr") for m in members]
+    return grid
 
 
 class CandidatePolicy:

@@ -88,16 +88,22 @@ def paired_bound(rho: F64, outcome: F64, *, floor: float, ceiling: float, trunca
                        ess, float((rho > truncation).mean()), len(d))
 
 
-def predicted_lower_bound(rho: F64, outcome: F64, *, floor: float, truncation: float, confidence: float,
-                          n_test: int) -> float:
-    """HCPI's candidate-selection score: the bound the safety test would give on ``n_test`` episodes
-    if they behaved like these, with the width doubled, because the candidate was chosen on these
-    very episodes and would look better here than on new ones (Thomas et al. 2015, section 5)."""
-    d = paired_differences(rho, outcome, floor, truncation)
+def predicted_bound(d: F64, confidence: float, n_test: int) -> float:
+    """HCPI's candidate-selection score for per-episode differences ``d``: the bound the safety test
+    would give on ``n_test`` episodes if they behaved like these, with the width doubled, because the
+    candidate was chosen on these very episodes and would look better here than on new ones
+    (Thomas et al. 2015, section 5)."""
     if len(d) < 2:
         return float("-inf")
     sd = float(np.std(d, ddof=1))
     return float(np.mean(d)) - 2.0 * float(stats.t.ppf(confidence, max(n_test - 1, 1))) * sd / np.sqrt(n_test)
 
 
-__all__ = ["METHODS", "PairedBound", "lower_bound", "paired_bound", "paired_differences", "predicted_lower_bound"]
+def predicted_lower_bound(rho: F64, outcome: F64, *, floor: float, truncation: float, confidence: float,
+                          n_test: int) -> float:
+    """:func:`predicted_bound` of the importance-sampling differences."""
+    return predicted_bound(paired_differences(rho, outcome, floor, truncation), confidence, n_test)
+
+
+__all__ = ["METHODS", "PairedBound", "lower_bound", "paired_bound", "paired_differences", "predicted_bound",
+           "predicted_lower_bound"]

@@ -8,6 +8,10 @@ are split, by patient and seeded, in two.
    families (:mod:`evaluation.certify.candidates`: mixtures with current care,
    SPIBB) is scored by the lower bound it is predicted to reach on the second
    part, and the best one is chosen.
+   Each candidate is scored twice: with trajectory importance sampling
+   (weights capped) and with a doubly robust difference whose outcome model is
+   fitted on the first part (:mod:`evaluation.certify.doubly_robust`); the
+   estimator is chosen with the candidate, so the safety test still tests one.
 2. **Safety test** on the second part, of that one candidate only: a
    high-confidence lower bound on its improvement over current care in
    remission (percentage points) and in the reward the agent optimised, paired
@@ -38,7 +42,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from envs.spec import FEATURE_INDEX, SUBGROUP_FEATURES
-from evaluation.certify.bounds import METHODS, PairedBound, paired_bound, predicted_lower_bound
+from evaluation.certify.bounds import (
+    METHODS,
+    PairedBound,
+    lower_bound,
+    paired_bound,
+    predicted_bound,
+    predicted_lower_bound,
+)
+from evaluation.certify.doubly_robust import OutcomeModel, dr_differences
 from evaluation.ope.weights import target_probabilities
 from offline_data.behavior import fit_behaviour_model
 from offline_data.dataset import Episodes, LoggedDataset, split_by_patient
@@ -67,6 +79,8 @@ class CertifyConfig:
     weights: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)  # mixture weights of the trained policy
     thresholds: tuple[float, ...] = (0.02, 0.05, 0.1)  # SPIBB: behaviour probabilities treated as too rare
     truncations: tuple[float, ...] = (5.0, 20.0, 100.0)  # importance-weight caps tried per candidate
+    # also bound each candidate with the doubly robust difference (Student t only: its terms have no range)
+    doubly_robust: bool = True
     min_patients: int = 100  # on either side of the split
 
     def __post_init__(self) -> None:
@@ -233,15 +247,26 @@ def certify(
     test = LoggedPart(parts["safety"], policy, behaviour)
     level = config.per_bound_confidence
 
+    use_dr = config.doubly_robust and config.method == "t"
+    q_choose = q_test = None
+    if use_dr:  # the outcome model sees the selection half only
+        outcome = OutcomeModel(choose.episodes, choose.remission, seed=config.seed)
+        q_choose, q_test = outcome.predict_all(choose.episodes), outcome.predict_all(test.episodes)
     scored: list[tuple[float, Candidate]] = []
-    for candidate in candidate_grid(config.weights, config.thresholds, config.truncations):
-        rho = trajectory_weights(choose.probs(candidate), choose.episodes)
-        score = predicted_lower_bound(rho, choose.remission, floor=0.0, truncation=candidate.truncation,
-                                      confidence=level, n_test=len(test))
+    for candidate in candidate_grid(config.weights, config.thresholds, config.truncations, use_dr):
+        probs = choose.probs(candidate)
+        if candidate.estimator == "dr":
+            assert q_choose is not None
+            score = predicted_bound(dr_differences(probs, choose.episodes, choose.remission, q_choose),
+                                       level, len(test))
+        else:
+            rho = trajectory_weights(probs, choose.episodes)
+            score = predicted_lower_bound(rho, choose.remission, floor=0.0, truncation=candidate.truncation,
+                                          confidence=level, n_test=len(test))
         scored.append((score, candidate))
-    # the best predicted bound; among equals the one closest to current care
+    # the best predicted bound; among equals the one closest to current care, then the simpler estimator
     best_score, chosen = max(scored, key=lambda sc: (round(sc[0], 12), -sc[1].weight, sc[1].threshold,
-                                                     -sc[1].truncation))
+                                                     sc[1].estimator == "is", -sc[1].truncation))
     say(f"safety test of {chosen.describe()} on {parts['safety'].n_patients:,} patients")
 
     candidate_policy = CandidatePolicy(policy, behaviour, chosen)
@@ -257,6 +282,10 @@ def certify(
         return remission, reward
 
     remission, reward = bounds(test.probs(chosen))
+    if chosen.estimator == "dr":
+        assert q_test is not None
+        remission = dr_bound(dr_differences(test.probs(chosen), test.episodes, test.remission, q_test),
+                             test.remission, trajectory_weights(test.probs(chosen), test.episodes), level)
     first_remission, first_reward = bounds(test.first_choice_probs(candidate_policy))
 
     vignettes = dict(critical_vignettes(candidate_policy)) if critical_vignettes is not None else None
@@ -269,6 +298,9 @@ def certify(
     certified = not reasons
     estimator = (f"trajectory importance sampling, paired by episode, weights truncated at {chosen.truncation:g}; "
                  f"behaviour probabilities as logged")
+    if chosen.estimator == "dr":
+        estimator = ("remission: doubly robust paired difference (Jiang & Li 2016) with an outcome model fitted on "
+                     f"the selection half, weights uncapped; reward and first choice: {estimator}")
     method = (f"HCPI: candidate chosen on {len(choose):,} episodes by predicted bound, safety test on {len(test):,} "
               f"other episodes; one-sided {'Student t' if config.method == 't' else 'empirical Bernstein'} bound; "
               f"Bonferroni over {N_BOUNDS} bounds (candidate and first choice x remission and reward), each at "
@@ -307,6 +339,15 @@ def certify(
             "behaviour probabilities as logged",
             "behaviour probabilities estimated by carepath data import: the bound assumes the estimate is right"))
     return Certification(_replace(certificate, id=_certificate_id(certificate)), candidate_policy, behaviour)
+
+
+def dr_bound(d: F64, outcome: F64, rho: F64, confidence: float) -> PairedBound:
+    """The doubly robust difference's point estimate and one-sided t bound, as a :class:`PairedBound`."""
+    behaviour = float(np.mean(outcome))
+    improvement = float(np.mean(d))
+    ess = float(rho.sum() ** 2 / max(float((rho * rho).sum()), 1e-300))
+    return PairedBound(improvement, lower_bound(d, "t", confidence, (-np.inf, np.inf)), behaviour,
+                       behaviour + improvement, ess, 0.0, len(d))
 
 
 def logging_policy(dataset: LoggedDataset) -> tuple[Policy, dict[str, Any]] | None:

@@ -259,3 +259,39 @@ def test_certify_refuses_the_patients_that_trained_the_policy(log_path: Path, tm
     assert main(["certify", "--policy", str(source), "--data", str(log_path), "--out", str(tmp_path / "x"),
                  "--confidence", "1.5"]) == 2
     assert "confidence" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------- doubly robust
+
+
+def _one_step_episodes(actions: np.ndarray, pb: np.ndarray):
+    from offline_data.dataset import Episodes
+
+    n = len(actions)
+    return Episodes(obs=np.zeros((n, 1, N_FEATURES), np.float32), action=actions[:, None].astype(np.int64),
+                    reward=np.zeros((n, 1), np.float32), mask=np.ones((n, 1, 3), bool),
+                    behavior_prob=pb[actions][:, None].astype(np.float32), terminated=np.zeros((n, 1), bool),
+                    truncated=np.ones((n, 1), bool), t=np.zeros((n, 1), np.int64), valid=np.ones((n, 1), bool),
+                    lengths=np.ones(n, np.int64), patient_id=np.arange(n).astype(object),
+                    episode_id=np.zeros(n, np.int64))
+
+
+def test_doubly_robust_difference_is_unbiased_and_a_good_model_shrinks_its_spread():
+    from evaluation.certify.doubly_robust import dr_differences
+
+    rng = np.random.default_rng(3)
+    pb, pe, success = np.array([0.6, 0.3, 0.1]), np.array([0.1, 0.3, 0.6]), np.array([0.2, 0.3, 0.6])
+    truth = float(pe @ success - pb @ success)
+    n = 200_000
+    a = rng.choice(3, size=n, p=pb)
+    y = (rng.random(n) < success[a]).astype(float)
+    episodes = _one_step_episodes(a, pb)
+    probs = np.broadcast_to(pe, (n, 1, 3)).copy()
+    exact = np.broadcast_to(success, (n, 1, 3)).copy()
+    wrong = np.full((n, 1, 3), 0.9)  # a poor model: still unbiased, only noisier
+    d_exact = dr_differences(probs, episodes, y, exact)
+    d_wrong = dr_differences(probs, episodes, y, wrong)
+    d_is = paired_differences(pe[a] / pb[a], y, 0.0, np.inf)
+    for d in (d_exact, d_wrong, d_is):
+        assert abs(d.mean() - truth) < 4 * d.std() / np.sqrt(n)
+    assert d_exact.std() < 0.8 * d_is.std()
