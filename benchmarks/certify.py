@@ -40,8 +40,9 @@ from scipy import stats
 from tqdm import tqdm
 
 from evaluation.certify import Certificate, CertifyConfig, certify
-from evaluation.certify.bounds import paired_bound, predicted_lower_bound
-from evaluation.certify.core import LoggedPart, trajectory_weights
+from evaluation.certify.bounds import paired_bound, predicted_bound, predicted_lower_bound
+from evaluation.certify.core import LoggedPart, dr_bound, trajectory_weights
+from evaluation.certify.doubly_robust import OutcomeModel, dr_differences
 from evaluation.ground_truth import rollout
 from offline_data.dataset import LoggedDataset, load_dataset, split_by_patient
 from offline_data.generate import generate
@@ -100,16 +101,25 @@ def trade_off(name: str, policy: Policy, data: LoggedDataset, config: CertifyCon
     parts = split_by_patient(data, {"candidate": config.split, "safety": 1 - config.split}, seed=config.seed)
     behaviour = make_baseline(*BEHAVIOUR)
     choose, test = LoggedPart(parts["candidate"], policy, behaviour), LoggedPart(parts["safety"], policy, behaviour)
+    level = config.per_bound_confidence
+    outcome = OutcomeModel(choose.episodes, choose.remission, seed=config.seed)
+    q_choose, q_test = outcome.predict_all(choose.episodes), outcome.predict_all(test.episodes)
     rows = []
-    for c in candidate_grid(config.weights, config.thresholds, (20.0,)):
-        rho_c = trajectory_weights(choose.probs(c), choose.episodes)
-        rho_s = trajectory_weights(test.probs(c), test.episodes)
-        safety = paired_bound(rho_s, test.remission, floor=0.0, ceiling=1.0, truncation=c.truncation,
-                              method=config.method, confidence=config.per_bound_confidence)
-        rows.append({"target": name, **c.as_dict(), "description": c.describe(),
-                     "predicted_lower_bound_pp": 100 * predicted_lower_bound(
-                         rho_c, choose.remission, floor=0.0, truncation=c.truncation,
-                         confidence=config.per_bound_confidence, n_test=len(test)),
+    for c in candidate_grid(config.weights, config.thresholds, (20.0,), doubly_robust=True):
+        p_choose, p_test = choose.probs(c), test.probs(c)
+        if c.estimator == "dr":
+            d_choose = dr_differences(p_choose, choose.episodes, choose.remission, q_choose)
+            d_test = dr_differences(p_test, test.episodes, test.remission, q_test)
+            predicted = predicted_bound(d_choose, level, len(test))
+            safety = dr_bound(d_test, test.remission, trajectory_weights(p_test, test.episodes), level)
+        else:
+            predicted = predicted_lower_bound(trajectory_weights(p_choose, choose.episodes), choose.remission,
+                                              floor=0.0, truncation=c.truncation, confidence=level,
+                                              n_test=len(test))
+            safety = paired_bound(trajectory_weights(p_test, test.episodes), test.remission, floor=0.0,
+                                  ceiling=1.0, truncation=c.truncation, method=config.method, confidence=level)
+        rows.append({"target": name, **c.as_dict(), "description": f"{c.describe()} [{c.estimator}]",
+                     "predicted_lower_bound_pp": 100 * predicted,
                      "safety_lower_bound_pp": 100 * safety.lower_bound,
                      "safety_estimate_pp": 100 * safety.improvement,
                      "true_improvement_pp": 100 * truth.improvement(name, policy, c)})
@@ -192,9 +202,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{100 * s['violation_ci95'][1]:.1f}] {s['mean_lower_bound_pp']:>+10.2f} "
               f"{s['mean_true_improvement_pp']:>+10.2f}")
     print("\ntrade-off on the first log (pp of remission):")
-    print(f"{'target':<28} {'candidate':<58} {'predicted':>9} {'bound':>7} {'truth':>7}")
+    print(f"{'target':<28} {'candidate':<64} {'predicted':>9} {'bound':>7} {'truth':>7}")
     for r in curve:
-        print(f"{r['target'][:28]:<28} {r['description'][:58]:<58} {r['predicted_lower_bound_pp']:>+9.2f} "
+        print(f"{r['target'][:28]:<28} {r['description'][-64:]:<64} {r['predicted_lower_bound_pp']:>+9.2f} "
               f"{r['safety_lower_bound_pp']:>+7.2f} {r['true_improvement_pp']:>+7.2f}")
     for d in default_size:
         print(f"\n{d['patients']:,} patients, {d['target']}: certified {d['certified']}, bound "
