@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def run_certify(args: argparse.Namespace) -> int:
     dataset, dropped = _without_training_patients(bundle, dataset, args.exclude_training_patients, args.data)
     vignettes = None if args.no_vignettes else vignette_check()
     result = certify(NetworkPolicy(bundle), dataset, None, config, critical_vignettes=vignettes,
-                     progress=lambda line: print(line, flush=True))
+                     progress=lambda line: print(line, file=sys.stderr, flush=True))  # stdout: the result
     cert = result.certificate
     record = {**cert.as_dict(), "data": str(args.data), "training_patients_dropped": dropped}
     behaviour = result.behaviour
