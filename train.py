@@ -182,11 +182,20 @@ def env_settings(cfg: DictConfig) -> tuple[Any, dict[str, Any]]:
     return EnvSettings(**kwargs), params
 
 
+def simulator(cfg: DictConfig) -> tuple[Any, Any]:
+    """The run's environment settings and simulator parameters (``env.kwargs``)."""
+    from envs.params import load_params
+
+    settings, params = env_settings(cfg)
+    path = params.get("params_path")
+    return settings, load_params(hydra.utils.to_absolute_path(str(path)) if path else None,
+                                 params.get("param_overrides") or None)
+
+
 def simulator_provenance(cfg: DictConfig, log_path: Path | None = None) -> dict[str, Any]:
     """Which simulator the run learnt from: spec version and parameter fingerprint, of the
     run's environment or, for an offline run, as the log recorded them (None when the log
     came from elsewhere, e.g. imported care data)."""
-    from envs.params import load_params
     from envs.spec import SPEC_VERSION
 
     if log_path is not None:
@@ -198,12 +207,7 @@ def simulator_provenance(cfg: DictConfig, log_path: Path | None = None) -> dict[
         fingerprint = sim.get("fingerprint") if isinstance(sim, dict) else None
         return {"spec_version": metadata.get(META_SPEC_VERSION), "fingerprint": fingerprint}
 
-    _, params = env_settings(cfg)
-    path = params.get("params_path")
-    overrides = params.get("param_overrides") or None
-    return {"spec_version": SPEC_VERSION,
-            "fingerprint": load_params(hydra.utils.to_absolute_path(str(path)) if path else None,
-                                       overrides).fingerprint()}
+    return {"spec_version": SPEC_VERSION, "fingerprint": simulator(cfg)[1].fingerprint()}
 
 
 def logged_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -294,13 +298,10 @@ def record_training_patients(bundle_dir: Path, train_part: Any) -> None:
 def certify_run(cfg: DictConfig, bundle_dir: Path, held_out: Any, writer: Any) -> dict[str, Any]:
     """Certify the trained policy on the patients it did not train on, store the certificate in the
     bundle, and set the simulator's ground truth of the certified policy beside it (``certify/*``)."""
-    from envs.params import load_params
     from evaluation.certify.cli import NetworkPolicy, vignette_check
-    from evaluation.certify.core import CertifyConfig, certify
+    from evaluation.certify.core import CertifyConfig, certify, store_certificate
     from evaluation.ground_truth import rollout
     from policies import load
-    from policies.behaviour_model import BehaviourModel
-    from policies.bundle import BEHAVIOUR_FILE, update_bundle
 
     c = cfg.eval.certify
     config = CertifyConfig(confidence=float(c.confidence), split=float(c.split), seed=int(c.seed),
@@ -310,14 +311,9 @@ def certify_run(cfg: DictConfig, bundle_dir: Path, held_out: Any, writer: Any) -
                      critical_vignettes=vignette_check() if bool(c.vignettes) else None,
                      progress=lambda line: log.info("certify: %s", line))
     cert = result.certificate
-    tensors = {}
-    if isinstance(result.behaviour, BehaviourModel):
-        tensors[BEHAVIOUR_FILE] = {k: torch.as_tensor(np.ascontiguousarray(v))
-                                   for k, v in result.behaviour.to_tensors().items()}
     record = {**cert.as_dict(), "data": held_out.source}
-    certified_policy = update_bundle(bundle_dir, certificate=record, extra_tensors=tensors)
-    settings, params_kw = env_settings(cfg)
-    params = load_params(params_kw.get("params_path"), params_kw.get("param_overrides") or None)
+    certified_policy = store_certificate(bundle_dir, result, record)
+    settings, params = simulator(cfg)
     truth: dict[str, Any] = rollout(certified_policy, int(cfg.eval.patients), seed=int(cfg.eval.seed),
                                     params=params, settings=settings, progress=bool(cfg.progress)).as_dict()
     for key, number in (("certified", float(cert.certified)), ("lower_bound_pp", cert.lower_bound),
@@ -356,10 +352,7 @@ def evaluate(cfg: DictConfig, policy: Any, writer: Any) -> dict[str, Any]:
     from evaluation.ground_truth import rollout
     from policies import make_baseline
 
-    settings, params_kw = env_settings(cfg)
-    from envs.params import load_params
-
-    params = load_params(params_kw.get("params_path"), params_kw.get("param_overrides") or None)
+    settings, params = simulator(cfg)
     results: dict[str, Any] = {}
     behaviour = make_baseline(str(cfg.data.policy), float(cfg.data.epsilon))
     for label, candidate in (("policy", policy), ("behaviour", behaviour)):

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from evaluation.certify import Certificate, CertifyConfig, certify
 from evaluation.certify.bounds import paired_bound, predicted_bound, predicted_lower_bound
+from evaluation.certify.cli import NetworkPolicy
 from evaluation.certify.core import LoggedPart, dr_bound, trajectory_weights
 from evaluation.certify.doubly_robust import OutcomeModel, dr_differences
 from evaluation.ground_truth import rollout
@@ -52,17 +53,6 @@ from policies.candidates import Candidate, CandidatePolicy, candidate_grid
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BEHAVIOUR = ("stard", 0.1)
-
-
-class NetworkOnly:
-    """A bundle's network alone (a certified bundle would otherwise serve its certified mix)."""
-
-    def __init__(self, path: Path) -> None:
-        self.bundle = load(path)
-        self.name = self.bundle.name
-
-    def action_probs(self, obs: Any, mask: Any) -> Any:
-        return self.bundle.network_probs(obs, mask)
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -140,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
     targets: dict[str, Policy] = {"current care": make_baseline(*BEHAVIOUR), "stard greedy": make_baseline("stard")}
     for path in args.bundle:
-        targets[f"bundle {path}"] = NetworkOnly(path)
+        targets[f"bundle {path}"] = NetworkPolicy(load(path))  # its network, not a certified mix
     config = CertifyConfig(confidence=args.confidence, method=args.method)
     truth = Truth(args.truth_patients, seed=777)
     started = time.perf_counter()

@@ -32,7 +32,7 @@ from envs.cohort import ActionFn, CohortRun, run_cohort, run_from
 from envs.params import EnvSettings, SimParams
 from envs.spec import Action
 from evaluation.calibration import Target, _assess, _last_index, as_protocol, policy_arm, rct_eligible, scripted
-from evaluation.ground_truth import rollout
+from evaluation.ground_truth import Z95, rollout
 from policies.base import Policy
 from policies.baselines import RandomPolicy, StardPolicy
 from policies.strategies import AddEverythingPolicy, SwitchEveryTwoWeeksPolicy
@@ -309,7 +309,7 @@ def orderings_at(params: SimParams, n: int, seed: int, weeks: int = 26) -> Order
     for policy in policies:
         truth = rollout(policy, n, seed=seed, params=params, settings=EnvSettings(horizon=weeks))
         rem[policy.name] = (truth.remission.value, n)
-        val[policy.name] = (truth.value.value, (truth.value.high - truth.value.value) / 1.959963984540054)
+        val[policy.name] = (truth.value.value, (truth.value.high - truth.value.value) / Z95)
         cost[policy.name] = truth.cost.value
         side[policy.name] = truth.side_effects.value
     return Ordering(rem, val, cost, side)
@@ -318,7 +318,7 @@ def orderings_at(params: SimParams, n: int, seed: int, weeks: int = 26) -> Order
 def _diff_lower(a: tuple[float, int], b: tuple[float, int]) -> float:
     """95 % lower bound of a difference of two independent rates, in percentage points."""
     (p, n), (q, m) = a, b
-    return 100 * (p - q - 1.959963984540054 * np.sqrt(p * (1 - p) / n + q * (1 - q) / m))
+    return 100 * (p - q - Z95 * np.sqrt(p * (1 - p) / n + q * (1 - q) / m))
 
 
 def _ordering_targets(params: SimParams, n: int, seed: int, seeds: int = 3) -> list[Target]:
@@ -326,7 +326,7 @@ def _ordering_targets(params: SimParams, n: int, seed: int, seeds: int = 3) -> l
     src = "orderings every clinician expects (design.md)"
     low_rem = min(_diff_lower(r.remission["stard"], r.remission["random"]) for r in runs)
     low_val = min(r.value["stard"][0] - r.value["random"][0]
-                  - 1.959963984540054 * np.hypot(r.value["stard"][1], r.value["random"][1]) for r in runs)
+                  - Z95 * np.hypot(r.value["stard"][1], r.value["random"][1]) for r in runs)
     low_switch = min(_diff_lower(r.remission["stard"], r.remission["switch_every_2w"]) for r in runs)
     rr = max(r.remission["add_everything"][0] / max(r.remission["stard"][0], 1e-9) for r in runs)
     cost = min(r.cost["add_everything"] / max(r.cost["stard"], 1e-9) for r in runs)

@@ -82,13 +82,14 @@ def fit_behaviour_model(
     seed: int = 0,
 ) -> tuple[BehaviourModel, CalibrationReport]:
     """The behaviour model of a log and its calibration report (see :func:`estimate_behavior_probs`)."""
-    behaviour, _, report = _fit_with_probs(obs, allowed, action, max_fit_rows, held_out_rows, seed)
+    behaviour, _, _, report = _fit_with_probs(obs, allowed, action, max_fit_rows, held_out_rows, seed)
     return behaviour, report
 
 
 def _fit_with_probs(obs: NDArray[np.float32], allowed: NDArray[np.bool_], action: NDArray[np.int64],
                     max_fit_rows: int, held_out_rows: int, seed: int,
-                    ) -> tuple[BehaviourModel, NDArray[np.float64], CalibrationReport]:
+                    ) -> tuple[BehaviourModel, NDArray[np.float64], NDArray[np.float64], CalibrationReport]:
+    """The model, its probabilities of every action and of the logged one on every row, and the report."""
     n = len(action)
     if obs.shape != (n, N_FEATURES) or allowed.shape != (n, N_ACTIONS):
         raise ValueError(f"expected obs (n, {N_FEATURES}) and allowed (n, {N_ACTIONS}) for {n} actions")
@@ -103,7 +104,7 @@ def _fit_with_probs(obs: NDArray[np.float32], allowed: NDArray[np.bool_], action
     behaviour = BehaviourModel(encoder, _fit_regularised(encoder, obs, allowed, action, fit_rows, held))
     probs = behaviour.action_probs(obs, allowed)
     chosen = np.clip(probs[np.arange(n), action], MIN_PROB, 1.0)
-    return behaviour, probs, _report(probs, chosen, allowed, action, len(fit_rows), held)
+    return behaviour, probs, chosen, _report(probs, chosen, allowed, action, len(fit_rows), held)
 
 
 def estimate_behavior_probs(
@@ -119,8 +120,7 @@ def estimate_behavior_probs(
 
     Every logged action must be allowed in its row (the validator checks this).
     """
-    _, probs, report = _fit_with_probs(obs, allowed, action, max_fit_rows, held_out_rows, seed)
-    chosen = np.clip(probs[np.arange(len(action)), action], MIN_PROB, 1.0)
+    _, probs, chosen, report = _fit_with_probs(obs, allowed, action, max_fit_rows, held_out_rows, seed)
     return probs, chosen, report
 
 

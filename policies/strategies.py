@@ -50,7 +50,6 @@ def _first_allowed(mask: BoolArray, order: tuple[Action, ...]) -> FloatArray:
 class AddEverythingPolicy:
     """Every treatment the rules allow, as soon as they allow it."""
 
-    epsilon: float = 0.0
     name: str = "add_everything"
 
     def action_probs(self, obs: NDArray[np.floating], mask: BoolArray) -> FloatArray:
@@ -62,7 +61,6 @@ class AddEverythingPolicy:
 class SwitchEveryTwoWeeksPolicy:
     """A class switch whenever the rules allow one, until PHQ-9 falls below 5."""
 
-    epsilon: float = 0.0
     name: str = "switch_every_2w"
 
     def action_probs(self, obs: NDArray[np.floating], mask: BoolArray) -> FloatArray:

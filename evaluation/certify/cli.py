@@ -17,16 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 
 from envs.spec import ACTION_NAMES, FEATURE_NAMES, SPEC_VERSION
-from evaluation.certify.core import METHODS_HELP, Certificate, CertifyConfig, certify
+from evaluation.certify.core import METHODS_HELP, Certificate, CertifyConfig, certify, store_certificate
 from offline_data.dataset import LoggedDataset, load_dataset
 from offline_data.schema import META_SPEC_VERSION
 from policies.base import BoolArray, FloatArray
-from policies.behaviour_model import BehaviourModel
-from policies.bundle import BEHAVIOUR_FILE, TRAINING_PATIENTS_FILE, BundlePolicy, load, patient_hashes, update_bundle
+from policies.bundle import TRAINING_PATIENTS_FILE, BundlePolicy, load, patient_hashes
 
 EPILOG = """\
 examples:
@@ -89,13 +87,8 @@ def run_certify(args: argparse.Namespace) -> int:
                      progress=lambda line: print(line, file=sys.stderr, flush=True))  # stdout: the result
     cert = result.certificate
     record = {**cert.as_dict(), "data": str(args.data), "training_patients_dropped": dropped}
-    behaviour = result.behaviour
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    if isinstance(behaviour, BehaviourModel):
-        tensors[BEHAVIOUR_FILE] = {k: torch.as_tensor(np.ascontiguousarray(v))
-                                   for k, v in behaviour.to_tensors().items()}
     same = out.resolve() == Path(args.policy).resolve()
-    update_bundle(args.policy, certificate=record, extra_tensors=tensors, out=None if same else out)
+    store_certificate(args.policy, result, record, out=None if same else out)
     if args.json:
         print(json.dumps(record, indent=2, default=str))
     else:

@@ -36,9 +36,11 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from envs.spec import FEATURE_INDEX, SUBGROUP_FEATURES
@@ -55,6 +57,8 @@ from evaluation.ope.weights import target_probabilities
 from offline_data.behavior import fit_behaviour_model
 from offline_data.dataset import Episodes, LoggedDataset, split_by_patient
 from policies.base import Policy
+from policies.behaviour_model import BehaviourModel
+from policies.bundle import BEHAVIOUR_FILE, BundlePolicy, update_bundle
 from policies.candidates import Candidate, CandidatePolicy, FirstChoicePolicy, candidate_grid
 
 F64 = NDArray[np.float64]
@@ -258,7 +262,7 @@ def certify(
         if candidate.estimator == "dr":
             assert q_choose is not None
             score = predicted_bound(dr_differences(probs, choose.episodes, choose.remission, q_choose),
-                                       level, len(test))
+                                    level, len(test))
         else:
             rho = trajectory_weights(probs, choose.episodes)
             score = predicted_lower_bound(rho, choose.remission, floor=0.0, truncation=candidate.truncation,
@@ -281,11 +285,12 @@ def certify(
                               method=config.method, confidence=level)
         return remission, reward
 
-    remission, reward = bounds(test.probs(chosen))
+    chosen_probs = test.probs(chosen)
+    remission, reward = bounds(chosen_probs)
     if chosen.estimator == "dr":
         assert q_test is not None
-        remission = dr_bound(dr_differences(test.probs(chosen), test.episodes, test.remission, q_test),
-                             test.remission, trajectory_weights(test.probs(chosen), test.episodes), level)
+        remission = dr_bound(dr_differences(chosen_probs, test.episodes, test.remission, q_test),
+                             test.remission, trajectory_weights(chosen_probs, test.episodes), level)
     first_remission, first_reward = bounds(test.first_choice_probs(candidate_policy))
 
     vignettes = dict(critical_vignettes(candidate_policy)) if critical_vignettes is not None else None
@@ -296,8 +301,10 @@ def certify(
     if critical_failures:
         reasons.append(f"critical guideline vignette(s) failed: {', '.join(map(str, critical_failures))}")
     certified = not reasons
+    logged = ("behaviour probabilities estimated by carepath data import: the bound assumes the estimate is right"
+              if dataset.behavior_prob_estimated else "behaviour probabilities as logged")
     estimator = (f"trajectory importance sampling, paired by episode, weights truncated at {chosen.truncation:g}; "
-                 f"behaviour probabilities as logged")
+                 f"{logged}")
     if chosen.estimator == "dr":
         estimator = ("remission: doubly robust paired difference (Jiang & Li 2016) with an outcome model fitted on "
                      f"the selection half, weights uncapped; reward and first choice: {estimator}")
@@ -329,16 +336,24 @@ def certify(
         behaviour_probabilities="estimated" if dataset.behavior_prob_estimated else "logged",
         behaviour_model=behaviour_spec,
         reasons=reasons,
-        subgroups=_subgroups(test, test.probs(chosen), chosen, config.method, config.confidence),
+        subgroups=_subgroups(test, trajectory_weights(chosen_probs, test.episodes), chosen, config.method,
+                             config.confidence),
         selection=[{**c.as_dict(), "predicted_lower_bound": 100 * s} for s, c in scored],
         vignettes=vignettes,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    if dataset.behavior_prob_estimated:
-        certificate = _replace(certificate, estimator=estimator.replace(
-            "behaviour probabilities as logged",
-            "behaviour probabilities estimated by carepath data import: the bound assumes the estimate is right"))
     return Certification(_replace(certificate, id=_certificate_id(certificate)), candidate_policy, behaviour)
+
+
+def store_certificate(bundle_path: Path, certification: Certification, record: Mapping[str, Any],
+                      out: Path | None = None) -> BundlePolicy:
+    """Write ``record`` (the certificate and where it came from) into the bundle, with the fitted
+    behaviour model the candidate mixes with when it is one; ``out``: a new bundle there instead."""
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    if isinstance(certification.behaviour, BehaviourModel):
+        tensors[BEHAVIOUR_FILE] = {k: torch.as_tensor(np.ascontiguousarray(v))
+                                   for k, v in certification.behaviour.to_tensors().items()}
+    return update_bundle(bundle_path, certificate=dict(record), extra_tensors=tensors, out=out)
 
 
 def dr_bound(d: F64, outcome: F64, rho: F64, confidence: float) -> PairedBound:
@@ -378,11 +393,10 @@ def _first_choice_statement(bound: PairedBound, certified: bool) -> str:
     return text
 
 
-def _subgroups(split: LoggedPart, probs: F64, chosen: Candidate, method: str,
+def _subgroups(split: LoggedPart, rho: F64, chosen: Candidate, method: str,
                confidence: float) -> list[dict[str, Any]]:
-    """The safety test per subgroup (sex, age band, digital access at intake): descriptive, each at the
-    stated confidence without a multiplicity correction."""
-    rho = trajectory_weights(probs, split.episodes)
+    """The safety test per subgroup (sex, age band, digital access at intake), from the chosen candidate's
+    trajectory weights ``rho``: descriptive, each at the stated confidence without a multiplicity correction."""
     first = split.episodes.obs[:, 0, :]
     out = []
     for feature in SUBGROUP_FEATURES:
@@ -415,5 +429,15 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-__all__ = ["N_BOUNDS", "Certificate", "Certification", "CertifyConfig", "certify", "dataset_sha256", "episode_returns",
-           "remission_outcome", "trajectory_weights"]
+__all__ = [
+    "N_BOUNDS",
+    "Certificate",
+    "Certification",
+    "CertifyConfig",
+    "certify",
+    "dataset_sha256",
+    "episode_returns",
+    "remission_outcome",
+    "store_certificate",
+    "trajectory_weights",
+]
