@@ -49,7 +49,7 @@ from offline_data.dataset import LoggedDataset, load_dataset, split_by_patient
 from offline_data.generate import generate
 from policies import load, make_baseline
 from policies.base import Policy
-from policies.candidates import Candidate, CandidatePolicy, candidate_grid
+from policies.candidates import Candidate, CandidatePolicy, candidate_from_record, candidate_grid
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BEHAVIOUR = ("stard", 0.1)
@@ -82,7 +82,7 @@ def certify_and_score(name: str, policy: Policy, data: LoggedDataset, config: Ce
                       truth: Truth) -> tuple[Certificate, Candidate, float]:
     """The certificate on this log, its chosen candidate and that candidate's true gain (pp)."""
     cert = certify(policy, data, make_baseline(*BEHAVIOUR), config).certificate
-    chosen = Candidate.from_dict({k: cert.candidate[k] for k in ("family", "weight", "threshold", "truncation")})
+    chosen = candidate_from_record(cert.candidate)
     return cert, chosen, 100 * truth.improvement(name, policy, chosen)
 
 

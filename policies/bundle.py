@@ -33,7 +33,7 @@ from envs.spec import ACTION_NAMES, FEATURE_NAMES, SPEC_CHANGES, SPEC_VERSION
 from policies.base import BoolArray, FloatArray, check_inputs, mix_epsilon
 from policies.baselines import BASELINES, make_baseline
 from policies.behaviour_model import BehaviourModel
-from policies.candidates import Candidate
+from policies.candidates import Candidate, candidate_from_record
 from policies.networks import NetworkSpec, PolicyNetwork
 
 BUNDLE_FORMAT = "carepath-policy-bundle"
@@ -227,8 +227,7 @@ def _check_certificate_fields(cert: dict[str, Any], where: Path) -> None:
         if not ok(cert.get(key)):
             raise BundleError(f"{where}: field 'certificate.{key}' must be {expected}, got {_short(cert.get(key))}")
     try:
-        Candidate.from_dict({k: v for k, v in cert["candidate"].items()
-                             if k in ("family", "weight", "threshold", "truncation")})
+        candidate_from_record(cert["candidate"])
     except ValueError as err:
         raise BundleError(f"{where}: field 'certificate.candidate': {_one_line(err)}") from None
 
@@ -332,8 +331,7 @@ class BundlePolicy:
             if self.behaviour is None:
                 raise BundleError(f"policy {self.name!r}: its certificate serves a mix with current care, but the "
                                   f"bundle has no {BEHAVIOUR_FILE}")
-            self.served = Candidate.from_dict({k: candidate[k] for k in ("family", "weight", "threshold",
-                                                                         "truncation") if k in candidate})
+            self.served = candidate_from_record(candidate)
 
     @property
     def certificate(self) -> dict[str, Any] | None:

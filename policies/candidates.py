@@ -87,6 +87,14 @@ class Candidate:
             raise ValueError(f"candidate: {err}") from None
 
 
+def candidate_from_record(record: Any) -> Candidate:
+    """The candidate a certificate's ``candidate`` entry names; the entry's report fields
+    (description, predicted bound, effective sample size...) are not part of it."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a candidate must be an object, got {type(record).__name__}")
+    return Candidate.from_dict({k: v for k, v in record.items() if k in Candidate.__dataclass_fields__})
+
+
 def candidate_grid(weights: tuple[float, ...], thresholds: tuple[float, ...], truncations: tuple[float, ...],
                    doubly_robust: bool = False) -> list[Candidate]:
     """Every mixture weight and SPIBB threshold, each with every weight truncation (and, with
@@ -146,4 +154,5 @@ class FirstChoicePolicy:
         return out
 
 
-__all__ = ["FAMILIES", "Candidate", "CandidatePolicy", "FirstChoicePolicy", "candidate_grid", "spibb_probs"]
+__all__ = ["FAMILIES", "Candidate", "CandidatePolicy", "FirstChoicePolicy", "candidate_from_record", "candidate_grid",
+           "spibb_probs"]
