@@ -270,6 +270,18 @@ def train_offline(cfg: DictConfig, agent: Any, run_dir: Path, writer: Any) -> tu
     return provenance, {"validation": parts["validation"], "held_out": held_out, "train": parts["train"]}
 
 
+def logged_check_parts(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """For a policy trained in the simulator, the logged data it must answer to before it serves
+    (in real use logged care is all a clinic has). No logged patient trained it, so every one is
+    held out for certification; the validation split serves the off-policy check and the
+    serving preparation, as for an offline run."""
+    from offline_data.dataset import split_by_patient
+
+    dataset, provenance = logged_data(cfg, run_dir)
+    parts = split_by_patient(dataset, dict(_plain(cfg.data.split)), seed=int(cfg.data.split_seed))
+    return provenance, {"validation": parts["validation"], "held_out": dataset}
+
+
 def off_policy_evaluation(cfg: DictConfig, policy: Any, validation: Any, writer: Any) -> dict[str, Any]:
     """What the logged validation patients alone say about the policy (``ope/*`` scalars), to set
     beside the simulator's ground truth: the check a real deployment has to rely on."""
@@ -413,6 +425,9 @@ def main(cfg: DictConfig) -> float:
             validation = parts["validation"]
         else:
             data = train_online(cfg, agent, writer)
+            if cfg.eval.certify.enabled or cfg.explain.enabled:
+                data["logged_check"], parts = logged_check_parts(cfg, run_dir)
+                validation = parts["validation"]
         log_path = Path(data["path"]) if agent_entry.kind == "offline" else None
         data = {**data, "simulator": simulator_provenance(cfg, log_path)}
         bundle_dir = run_dir / "policy"
@@ -427,7 +442,7 @@ def main(cfg: DictConfig) -> float:
             evaluation["off_policy_validation"] = off_policy_evaluation(cfg, policy, validation, writer)
         # record the evaluation in the bundle itself (re-saved atomically with the same weights)
         agent.export(bundle_dir, name=policy.name, config=resolved, data=data, evaluation=evaluation, overwrite=True)
-        if parts:
+        if "train" in parts:
             record_training_patients(bundle_dir, parts["train"])
         if validation is not None and cfg.explain.enabled:
             prepare_for_serving(cfg, bundle_dir, validation)

@@ -40,9 +40,9 @@ from scipy import stats
 from tqdm import tqdm
 
 from evaluation.certify import Certificate, CertifyConfig, certify
-from evaluation.certify.bounds import paired_bound, predicted_bound, predicted_lower_bound
+from evaluation.certify.bounds import paired_bound, selection_score
 from evaluation.certify.cli import NetworkPolicy
-from evaluation.certify.core import LoggedPart, dr_bound, trajectory_weights
+from evaluation.certify.core import LoggedPart, candidate_differences, dr_bound, trajectory_weights
 from evaluation.certify.doubly_robust import OutcomeModel, dr_differences
 from evaluation.ground_truth import rollout
 from offline_data.dataset import LoggedDataset, load_dataset, split_by_patient
@@ -91,21 +91,19 @@ def trade_off(name: str, policy: Policy, data: LoggedDataset, config: CertifyCon
     parts = split_by_patient(data, {"candidate": config.split, "safety": 1 - config.split}, seed=config.seed)
     behaviour = make_baseline(*BEHAVIOUR)
     choose, test = LoggedPart(parts["candidate"], policy, behaviour), LoggedPart(parts["safety"], policy, behaviour)
-    level = config.per_bound_confidence
+    level = config.confidence
     outcome = OutcomeModel(choose.episodes, choose.remission, seed=config.seed)
     q_choose, q_test = outcome.predict_all(choose.episodes), outcome.predict_all(test.episodes)
     rows = []
-    for c in candidate_grid(config.weights, config.thresholds, (20.0,), doubly_robust=True):
-        p_choose, p_test = choose.probs(c), test.probs(c)
+    for c in candidate_grid(config.weights, config.thresholds, (20.0,), doubly_robust=True,
+                            prefix_weeks=config.prefix_weeks):
+        d_choose, _ = candidate_differences(c, choose, q_choose)
+        predicted = selection_score(d_choose, level, len(test)).predicted_bound
+        p_test = test.probs(c)
         if c.estimator == "dr":
-            d_choose = dr_differences(p_choose, choose.episodes, choose.remission, q_choose)
             d_test = dr_differences(p_test, test.episodes, test.remission, q_test)
-            predicted = predicted_bound(d_choose, level, len(test))
             safety = dr_bound(d_test, test.remission, trajectory_weights(p_test, test.episodes), level)
         else:
-            predicted = predicted_lower_bound(trajectory_weights(p_choose, choose.episodes), choose.remission,
-                                              floor=0.0, truncation=c.truncation, confidence=level,
-                                              n_test=len(test))
             safety = paired_bound(trajectory_weights(p_test, test.episodes), test.remission, floor=0.0,
                                   ceiling=1.0, truncation=c.truncation, method=config.method, confidence=level)
         rows.append({"target": name, **c.as_dict(), "description": f"{c.describe()} [{c.estimator}]",

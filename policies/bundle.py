@@ -420,7 +420,7 @@ class BundlePolicy:
         raw = self._forward(obs)
         probs = self._network_probs(raw, mask)
         if self.served is not None and self.behaviour is not None:
-            probs = self.served.combine(probs, self.behaviour.action_probs(obs, mask), mask)
+            probs = self.served.combine(probs, self.behaviour.action_probs(obs, mask), mask, obs)
         return self._outputs(raw), probs
 
 

@@ -102,6 +102,20 @@ def test_smoke_run_trains_evaluates_logs_and_bundles(tmp_path):
     assert again.returncode != 0 and "overwrite=true" in (again.stdout + again.stderr)
 
 
+def test_a_simulator_trained_policy_answers_to_every_logged_patient(tmp_path):
+    # in real use logged care is all a clinic has: an online run is certified on the whole log
+    # (no logged patient trained it) and prepared for serving from its validation split
+    run_train(tmp_path, "agent=maskable_ppo")
+    run = tmp_path / "runs" / "maskable_ppo" / "seed0"
+    metrics = json.loads((run / "metrics.json").read_text())
+    cert = metrics["certification"]["certificate"]
+    assert cert["episodes"]["candidate"] + cert["episodes"]["safety"] == 1500
+    assert metrics["data"]["source"] == "simulator" and metrics["data"]["logged_check"]["patients"] == 1500
+    policy = load(run / "policy")
+    assert policy.certificate == cert and "training_patients.safetensors" not in policy.manifest.files
+    assert metrics["off_policy_validation"] is not None
+
+
 def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     args = ["agent=cql", "train_fraction=0.1", "checkpoint_every=100", "agent.params.hidden=[64,64]"]
     cmd = [sys.executable, str(ROOT / "train.py"), "experiment=smoke", "progress=false",

@@ -140,10 +140,12 @@ def vignette_check() -> Any:
 
 
 def format_certificate(cert: Certificate, dropped: int = 0) -> str:
+    weights = ("doubly robust, weights uncapped" if cert.candidate.get("estimator") == "dr"
+               else f"weights truncated at {cert.candidate['truncation']:g}")
     lines = [cert.summary(), "",
              f"certificate {cert.id}",
-             f"  candidate           {cert.candidate['description']} (weights truncated at "
-             f"{cert.candidate['truncation']:g}; effective sample size {cert.candidate['ess']:.0f})",
+             f"  candidate           {cert.candidate['description']} ({weights}; "
+             f"effective sample size {cert.candidate['ess']:.0f})",
              f"  remission           {cert.improvement:+.2f} pp over current care "
              f"({cert.behaviour_value['remission']:.1f} %), lower bound {cert.lower_bound:+.2f} pp",
              f"  reward              {cert.reward_improvement:+.3f}, lower bound {cert.reward_lower_bound:+.3f}",

@@ -5,9 +5,11 @@ The protocol is high-confidence policy improvement (HCPI; Thomas, Theocharous
 are split, by patient and seeded, in two.
 
 1. **Candidate selection** on the first part: every member of the candidate
-   families (:mod:`evaluation.certify.candidates`: mixtures with current care,
-   SPIBB) is scored by the lower bound it is predicted to reach on the second
-   part, and the best one is chosen.
+   families (:mod:`policies.candidates`: mixtures with current care, SPIBB,
+   prefixes that change only the first weeks of care) is scored by the lower
+   bound it is predicted to reach on the second part, and the best one is
+   chosen. Not eligible: a candidate whose weights leave fewer than
+   ``min_ess`` effective episodes, or that fails a critical guideline vignette.
    Each candidate is scored twice: with trajectory importance sampling
    (weights capped) and with a doubly robust difference whose outcome model is
    fitted on the first part (:mod:`evaluation.certify.doubly_robust`); the
@@ -17,8 +19,16 @@ are split, by patient and seeded, in two.
    remission (percentage points) and in the reward the agent optimised, paired
    by episode (:mod:`evaluation.certify.bounds`). The candidate's first-choice
    policy (what happens if clinicians always take the first-ranked step) is
-   tested too. Four bounds are stated, each at ``1 - (1 - confidence) / 4``
-   (Bonferroni), so that all four hold together at ``confidence``.
+   tested too. Every bound is stated at ``confidence``. The two claims the
+   certificate makes are tested in a fixed sequence (Maurer, Hothorn &
+   Lehmacher 1995, "Multiple comparisons in drug clinical trials and
+   preclinical assays: a-priori ordered hypotheses"): the candidate improves
+   remission; then, only if it does, its first-choice policy improves
+   remission too. A fixed sequence keeps the familywise error at
+   ``1 - confidence`` without splitting it, so the primary test keeps its full
+   power (a Bonferroni split over four bounds cost a change at intake its
+   certificate). The reward bounds are stated beside them, each at
+   ``confidence`` on its own.
 
 Certified when the candidate's remission bound is above 0 and no critical
 guideline vignette fails; otherwise "not certified: keep current care".
@@ -47,10 +57,11 @@ from envs.spec import FEATURE_INDEX, SUBGROUP_FEATURES
 from evaluation.certify.bounds import (
     METHODS,
     PairedBound,
+    SelectionScore,
     lower_bound,
     paired_bound,
-    predicted_bound,
-    predicted_lower_bound,
+    paired_differences,
+    selection_score,
 )
 from evaluation.certify.doubly_robust import OutcomeModel, dr_differences
 from evaluation.ope.weights import target_probabilities
@@ -63,8 +74,6 @@ from policies.candidates import Candidate, CandidatePolicy, FirstChoicePolicy, c
 
 F64 = NDArray[np.float64]
 REMISSION_BELOW = 5.0  # PHQ-9 < 5 (Kroenke 2001)
-#: Bounds stated on the safety part: candidate and first choice, remission and reward.
-N_BOUNDS = 4
 #: A bound must clear 0 by more than rounding: a candidate equal to current care has ratios of 1
 #: up to float32 round-off of the logged probabilities, and must not certify on that.
 MIN_CERTIFIED_BOUND = 1e-6
@@ -82,6 +91,11 @@ class CertifyConfig:
     method: str = "t"  # bound of the safety test: t or bernstein
     weights: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)  # mixture weights of the trained policy
     thresholds: tuple[float, ...] = (0.02, 0.05, 0.1)  # SPIBB: behaviour probabilities treated as too rare
+    prefix_weeks: tuple[int, ...] = (1, 2, 4)  # prefix: weeks of care from intake the trained policy decides
+    # a candidate whose importance weights leave fewer effective episodes than this on the selection
+    # part is not chosen: a Student t bound trusts the central limit theorem, which a handful of
+    # heavy weights does not obey (a 50 % mixture over 26 weeks: an effective sample of about 25)
+    min_ess: float = 100.0
     truncations: tuple[float, ...] = (5.0, 20.0, 100.0)  # importance-weight caps tried per candidate
     # also bound each candidate with the doubly robust difference (Student t only: its terms have no range)
     doubly_robust: bool = True
@@ -95,14 +109,12 @@ class CertifyConfig:
                              f"got {self.split}")
         if self.method not in METHODS:
             raise ValueError(f"bound method must be one of {METHODS}, got {self.method!r}")
-        if not self.weights and not self.thresholds:
-            raise ValueError("no candidates: give at least one mixture weight or SPIBB threshold")
+        if not self.weights and not self.thresholds and not self.prefix_weeks:
+            raise ValueError("no candidates: give at least one mixture weight, SPIBB threshold or prefix length")
         if not self.truncations:
             raise ValueError("give at least one weight truncation")
-
-    @property
-    def per_bound_confidence(self) -> float:
-        return 1.0 - (1.0 - self.confidence) / N_BOUNDS
+        if not self.min_ess >= 0:
+            raise ValueError(f"minimum effective sample size must be >= 0, got {self.min_ess}")
 
 
 @dataclass(frozen=True)
@@ -195,7 +207,8 @@ class LoggedPart:
         """The candidate's probabilities on every logged step (as served: ``Candidate.combine``)."""
         valid = self.episodes.valid
         out = np.zeros_like(self.trained)
-        out[valid] = candidate.combine(self.trained[valid], self.current[valid], self.episodes.mask[valid])
+        out[valid] = candidate.combine(self.trained[valid], self.current[valid], self.episodes.mask[valid],
+                                       self.episodes.obs[valid])
         return out
 
     def first_choice_probs(self, candidate_policy: Policy) -> F64:
@@ -249,48 +262,62 @@ def certify(
     say(f"candidate selection on {parts['candidate'].n_patients:,} patients")
     choose = LoggedPart(parts["candidate"], policy, behaviour)
     test = LoggedPart(parts["safety"], policy, behaviour)
-    level = config.per_bound_confidence
+    level = config.confidence
 
     use_dr = config.doubly_robust and config.method == "t"
     q_choose = q_test = None
     if use_dr:  # the outcome model sees the selection half only
         outcome = OutcomeModel(choose.episodes, choose.remission, seed=config.seed)
         q_choose, q_test = outcome.predict_all(choose.episodes), outcome.predict_all(test.episodes)
-    scored: list[tuple[float, Candidate]] = []
-    for candidate in candidate_grid(config.weights, config.thresholds, config.truncations, use_dr):
-        probs = choose.probs(candidate)
-        if candidate.estimator == "dr":
-            assert q_choose is not None
-            score = predicted_bound(dr_differences(probs, choose.episodes, choose.remission, q_choose),
-                                    level, len(test))
-        else:
-            rho = trajectory_weights(probs, choose.episodes)
-            score = predicted_lower_bound(rho, choose.remission, floor=0.0, truncation=candidate.truncation,
-                                          confidence=level, n_test=len(test))
-        scored.append((score, candidate))
-    # the best predicted bound; among equals the one closest to current care, then the simpler estimator
-    best_score, chosen = max(scored, key=lambda sc: (round(sc[0], 12), -sc[1].weight, sc[1].threshold,
-                                                     sc[1].estimator == "is", -sc[1].truncation))
+    # a candidate that fails a critical guideline vignette would be refused whatever the data say;
+    # the vignettes are textbook cases, not logged patients, so checking them here spends no data
+    blocked: dict[tuple[Any, ...], bool] = {}
+
+    def fails_vignettes(candidate: Candidate) -> bool:
+        key = (candidate.family, candidate.weight, candidate.threshold, candidate.weeks)
+        if critical_vignettes is None:
+            return False
+        if key not in blocked:
+            check = critical_vignettes(CandidatePolicy(policy, behaviour, candidate))
+            blocked[key] = bool(check.get("critical_failures"))
+        return blocked[key]
+
+    scored: list[tuple[Candidate, SelectionScore, bool]] = []
+    for candidate in candidate_grid(config.weights, config.thresholds, config.truncations, use_dr,
+                                    config.prefix_weeks):
+        d, rho = candidate_differences(candidate, choose, q_choose)
+        eligible = kish_ess(rho) >= config.min_ess and not fails_vignettes(candidate)
+        scored.append((candidate, selection_score(d, level, len(test)), eligible))
+    # the eligible candidate likeliest to pass; among equals the one closest to current care, then
+    # the simpler estimator (with none eligible, the one closest to current care: it will not pass)
+    chosen, best, _ = max(scored, key=lambda c: (
+        c[2], round(c[1].pass_probability, 9) if c[2] else 0.0, round(c[1].predicted_bound, 12) if c[2] else 0.0,
+        -c[0].weight, c[0].threshold, -c[0].weeks, c[0].estimator == "is", -c[0].truncation))
     say(f"safety test of {chosen.describe()} on {parts['safety'].n_patients:,} patients")
 
     candidate_policy = CandidatePolicy(policy, behaviour, chosen)
     floor = float(choose.returns.min())
     ceiling = float(choose.returns.max())
 
+    # the doubly robust estimator needs exact weights, so its candidate's other bounds (reward, first
+    # choice) use uncapped importance weights too: a cap far below the weights a change at intake
+    # brings (about 50) would bias them far down
+    cap = chosen.truncation if chosen.estimator == "is" else math.inf
+
     def bounds(probs: F64) -> tuple[PairedBound, PairedBound]:
         rho = trajectory_weights(probs, test.episodes)
-        remission = paired_bound(rho, test.remission, floor=0.0, ceiling=1.0, truncation=chosen.truncation,
+        remission = paired_bound(rho, test.remission, floor=0.0, ceiling=1.0, truncation=cap,
                                  method=config.method, confidence=level)
-        reward = paired_bound(rho, test.returns, floor=floor, ceiling=ceiling, truncation=chosen.truncation,
+        if chosen.estimator == "dr":
+            assert q_test is not None
+            remission = dr_bound(dr_differences(probs, test.episodes, test.remission, q_test), test.remission, rho,
+                                 level)
+        reward = paired_bound(rho, test.returns, floor=floor, ceiling=ceiling, truncation=cap,
                               method=config.method, confidence=level)
         return remission, reward
 
     chosen_probs = test.probs(chosen)
     remission, reward = bounds(chosen_probs)
-    if chosen.estimator == "dr":
-        assert q_test is not None
-        remission = dr_bound(dr_differences(chosen_probs, test.episodes, test.remission, q_test),
-                             test.remission, trajectory_weights(chosen_probs, test.episodes), level)
     first_remission, first_reward = bounds(test.first_choice_probs(candidate_policy))
 
     vignettes = dict(critical_vignettes(candidate_policy)) if critical_vignettes is not None else None
@@ -307,11 +334,12 @@ def certify(
                  f"{logged}")
     if chosen.estimator == "dr":
         estimator = ("remission: doubly robust paired difference (Jiang & Li 2016) with an outcome model fitted on "
-                     f"the selection half, weights uncapped; reward and first choice: {estimator}")
+                     "the selection half; reward: trajectory importance sampling, paired by episode; weights "
+                     f"uncapped; {logged}")
     method = (f"HCPI: candidate chosen on {len(choose):,} episodes by predicted bound, safety test on {len(test):,} "
               f"other episodes; one-sided {'Student t' if config.method == 't' else 'empirical Bernstein'} bound; "
-              f"Bonferroni over {N_BOUNDS} bounds (candidate and first choice x remission and reward), each at "
-              f"{100 * level:.2f} %")
+              f"every bound at {100 * level:g} %; fixed-sequence testing (candidate remission, then first-choice "
+              "remission only if the candidate's holds) keeps both claims together at that confidence")
     if config.method == "bernstein":
         method += f"; reward range assumed [{floor:.3g}, {ceiling:.3g}] (seen on the candidate part)"
     certificate = Certificate(
@@ -325,9 +353,11 @@ def certify(
         reward_improvement=reward.improvement,
         behaviour_value={"remission": 100 * remission.behaviour_value, "reward": reward.behaviour_value + floor},
         episodes={"candidate": len(choose), "safety": len(test)},
-        candidate={**chosen.as_dict(), "description": chosen.describe(), "predicted_lower_bound": 100 * best_score,
+        candidate={**chosen.as_dict(), "description": chosen.describe(),
+                   "predicted_lower_bound": 100 * best.predicted_bound, "pass_probability": best.pass_probability,
                    "ess": remission.ess, "truncated_share": remission.truncated_share},
-        first_choice={"certified": bool(first_remission.lower_bound > MIN_CERTIFIED_BOUND),
+        # second in the fixed sequence: claimed only when the candidate's own test passed
+        first_choice={"certified": bool(certified and first_remission.lower_bound > MIN_CERTIFIED_BOUND),
                       "lower_bound": 100 * first_remission.lower_bound,
                       "improvement": 100 * first_remission.improvement,
                       "reward_lower_bound": first_reward.lower_bound, "ess": first_remission.ess,
@@ -336,9 +366,11 @@ def certify(
         behaviour_probabilities="estimated" if dataset.behavior_prob_estimated else "logged",
         behaviour_model=behaviour_spec,
         reasons=reasons,
-        subgroups=_subgroups(test, trajectory_weights(chosen_probs, test.episodes), chosen, config.method,
+        subgroups=_subgroups(test, trajectory_weights(chosen_probs, test.episodes), cap, config.method,
                              config.confidence),
-        selection=[{**c.as_dict(), "predicted_lower_bound": 100 * s} for s, c in scored],
+        # not eligible: too few effective episodes for the t bound, or a critical vignette failed
+        selection=[{**c.as_dict(), "predicted_lower_bound": 100 * sc.predicted_bound,
+                    "pass_probability": sc.pass_probability, "eligible": ok} for c, sc, ok in scored],
         vignettes=vignettes,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
@@ -356,13 +388,29 @@ def store_certificate(bundle_path: Path, certification: Certification, record: M
     return update_bundle(bundle_path, certificate=dict(record), extra_tensors=tensors, out=out)
 
 
+def candidate_differences(candidate: Candidate, part: LoggedPart, q_all: F64 | None) -> tuple[F64, F64]:
+    """Per-episode paired differences in remission under the candidate's estimator on ``part``, and
+    the importance weights they rest on (capped as the estimator caps them)."""
+    probs = part.probs(candidate)
+    rho = trajectory_weights(probs, part.episodes)
+    if candidate.estimator == "dr":
+        if q_all is None:
+            raise ValueError("a doubly robust candidate needs the outcome model's predictions")
+        return dr_differences(probs, part.episodes, part.remission, q_all), rho
+    return paired_differences(rho, part.remission, 0.0, candidate.truncation), np.minimum(rho, candidate.truncation)
+
+
+def kish_ess(rho: F64) -> float:
+    """Kish's effective sample size of importance weights: ``(sum w)^2 / sum w^2``."""
+    return float(rho.sum() ** 2 / max(float((rho * rho).sum()), 1e-300))
+
+
 def dr_bound(d: F64, outcome: F64, rho: F64, confidence: float) -> PairedBound:
     """The doubly robust difference's point estimate and one-sided t bound, as a :class:`PairedBound`."""
     behaviour = float(np.mean(outcome))
     improvement = float(np.mean(d))
-    ess = float(rho.sum() ** 2 / max(float((rho * rho).sum()), 1e-300))
     return PairedBound(improvement, lower_bound(d, "t", confidence, (-np.inf, np.inf)), behaviour,
-                       behaviour + improvement, ess, 0.0, len(d))
+                       behaviour + improvement, kish_ess(rho), 0.0, len(d))
 
 
 def logging_policy(dataset: LoggedDataset) -> tuple[Policy, dict[str, Any]] | None:
@@ -384,6 +432,9 @@ def logging_policy(dataset: LoggedDataset) -> tuple[Policy, dict[str, Any]] | No
 
 
 def _first_choice_statement(bound: PairedBound, certified: bool) -> str:
+    if not certified:
+        return ("not tested: the first-ranked step is tested only once the candidate itself is certified "
+                f"(its remission bound alone: {100 * bound.lower_bound:+.1f} pp)")
     if bound.lower_bound > MIN_CERTIFIED_BOUND:
         return "also certified if clinicians always take the first-ranked step"
     text = ("not covered: if clinicians always take the first-ranked step, the logged data cannot vouch for it "
@@ -393,7 +444,7 @@ def _first_choice_statement(bound: PairedBound, certified: bool) -> str:
     return text
 
 
-def _subgroups(split: LoggedPart, rho: F64, chosen: Candidate, method: str,
+def _subgroups(split: LoggedPart, rho: F64, truncation: float, method: str,
                confidence: float) -> list[dict[str, Any]]:
     """The safety test per subgroup (sex, age band, digital access at intake), from the chosen candidate's
     trajectory weights ``rho``: descriptive, each at the stated confidence without a multiplicity correction."""
@@ -405,7 +456,7 @@ def _subgroups(split: LoggedPart, rho: F64, chosen: Candidate, method: str,
             rows = values == value
             if rows.sum() < 2:
                 continue
-            b = paired_bound(rho[rows], split.remission[rows], floor=0.0, ceiling=1.0, truncation=chosen.truncation,
+            b = paired_bound(rho[rows], split.remission[rows], floor=0.0, ceiling=1.0, truncation=truncation,
                              method=method, confidence=confidence)
             out.append({"feature": feature, "value": float(value), "episodes": int(rows.sum()),
                         "improvement": 100 * b.improvement, "lower_bound": 100 * b.lower_bound,
@@ -430,13 +481,14 @@ def _jsonable(value: Any) -> Any:
 
 
 __all__ = [
-    "N_BOUNDS",
     "Certificate",
     "Certification",
     "CertifyConfig",
+    "candidate_differences",
     "certify",
     "dataset_sha256",
     "episode_returns",
+    "kish_ess",
     "remission_outcome",
     "store_certificate",
     "trajectory_weights",

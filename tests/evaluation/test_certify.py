@@ -10,7 +10,7 @@ import pytest
 from envs.rules import action_mask
 from envs.spec import FEATURE_INDEX, N_ACTIONS, N_FEATURES
 from evaluation.certify import Candidate, CandidatePolicy, CertifyConfig, FirstChoicePolicy, certify, remission_outcome
-from evaluation.certify.bounds import lower_bound, paired_bound, paired_differences
+from evaluation.certify.bounds import lower_bound, paired_bound, paired_differences, selection_score
 from offline_data.behavior import fit_behaviour_model
 from offline_data.dataset import load_dataset
 from offline_data.generate import generate
@@ -81,6 +81,22 @@ def test_spibb_keeps_current_care_where_an_action_is_rare():
     assert probs2[0, 2] == pytest.approx(0.04) and probs2[0, 1] == pytest.approx(0.96)
 
 
+def test_prefix_follows_the_trained_policy_only_in_its_first_weeks():
+    obs, mask = _rows()
+    obs[:, FEATURE_INDEX["weeks_in_care"]] = np.arange(len(obs)) % 6
+    trained, current = Fixed(1), make_baseline("random", 0.0)
+    probs = CandidatePolicy(trained, current, Candidate("prefix", weeks=2)).action_probs(obs, mask)
+    early = obs[:, FEATURE_INDEX["weeks_in_care"]] < 2
+    assert np.allclose(probs[early], trained.action_probs(obs, mask)[early])
+    assert np.allclose(probs[~early], current.action_probs(obs, mask)[~early])
+    assert (probs[~mask] == 0).all() and early.any() and (~early).any()
+    assert "first 2 weeks" in Candidate("prefix", weeks=2).describe()
+    with pytest.raises(ValueError, match="at least 1 week"):
+        Candidate("prefix", weeks=0)
+    with pytest.raises(ValueError, match="whole number"):
+        Candidate.from_dict({"family": "prefix", "weeks": 1.5})
+
+
 def test_first_choice_is_all_mass_on_the_most_probable_allowed_step():
     obs, mask = _rows()
     probs = FirstChoicePolicy(make_baseline("stard", 0.2)).action_probs(obs, mask)
@@ -98,6 +114,12 @@ def test_candidate_round_trips_and_refuses_bad_values():
     with pytest.raises(ValueError, match="unknown key"):
         Candidate.from_dict({"family": "mixture", "colour": 1})
     assert len(candidate_grid((0.1, 0.5), (0.05,), (5.0, 20.0))) == 6
+    prefix = Candidate("prefix", weeks=4, estimator="dr")
+    assert Candidate.from_dict(prefix.as_dict()) == prefix
+    grid = candidate_grid((0.1,), (), (20.0,), doubly_robust=True, prefix_weeks=(1, 2))
+    assert [(c.family, c.weeks, c.estimator) for c in grid] == [
+        ("mixture", 0, "is"), ("prefix", 1, "is"), ("prefix", 2, "is"),
+        ("mixture", 0, "dr"), ("prefix", 1, "dr"), ("prefix", 2, "dr")]
 
 
 def test_behaviour_model_survives_its_tensors(log_path: Path):
@@ -125,6 +147,17 @@ def test_truncation_can_only_lower_the_paired_difference():
     full = paired_differences(rho, y, 0.0, np.inf)
     capped = paired_differences(rho, y, 0.0, 5.0)
     assert (capped <= full + 1e-12).all() and capped.mean() < full.mean()
+
+
+def test_selection_prefers_the_candidate_likelier_to_pass():
+    rng = np.random.default_rng(3)
+    sure = rng.normal(0.01, 0.1, 5000)  # small, tight improvement
+    noisy = rng.normal(0.03, 2.0, 5000)  # three times larger, twenty times noisier
+    s_sure, s_noisy = selection_score(sure, 0.95, 5000), selection_score(noisy, 0.95, 5000)
+    assert s_sure.pass_probability > 0.9 > 0.5 > s_noisy.pass_probability
+    # the predicted bound is the safety test's bound if the test part behaved like this one
+    assert s_sure.predicted_bound == pytest.approx(sure.mean() - 1.645 * sure.std(ddof=1) / np.sqrt(5000), abs=1e-4)
+    assert selection_score(np.zeros(100), 0.95, 100).pass_probability == 0.0  # current care itself never passes
 
 
 @pytest.mark.parametrize("method", ["t", "bernstein"])
@@ -167,10 +200,17 @@ def test_certifies_what_beats_care_and_refuses_what_does_not(log_path: Path):
     assert good.certified, good.reasons
     assert 0 < good.lower_bound < good.improvement
     assert good.episodes["candidate"] + good.episodes["safety"] == data.n_episodes
-    assert good.id.startswith("cert-") and "Bonferroni" in good.method and "Certified" in good.summary()
+    assert good.id.startswith("cert-") and "fixed-sequence" in good.method and "Certified" in good.summary()
     assert {g["feature"] for g in good.subgroups} == {"sex", "age_band", "digital_access"}
     bad = certify(SwitchEveryTwoWeeksPolicy(), data, current, CertifyConfig(seed=0)).certificate
     assert not bad.certified and bad.reasons and "keep current care" in bad.summary()
+    # fixed sequence: the first-choice claim is tested only after the candidate's own test passed
+    assert not bad.first_choice["certified"] and bad.first_choice["statement"].startswith("not tested")
+    # heavy weights leave too few effective episodes for a t bound: such candidates are not chosen
+    ineligible = [r for r in good.selection if not r["eligible"]]
+    assert ineligible and all(r["family"] != good.candidate["family"] or r["weight"] != good.candidate["weight"]
+                              or r["estimator"] != good.candidate["estimator"] for r in ineligible)
+    assert good.candidate["ess"] >= 100
 
 
 def test_a_critical_vignette_failure_blocks_the_certificate(log_path: Path):
@@ -178,6 +218,20 @@ def test_a_critical_vignette_failure_blocks_the_certificate(log_path: Path):
     cert = certify(make_baseline("stard", 0.0), data, make_baseline("random", 0.0), CertifyConfig(seed=0),
                    critical_vignettes=lambda policy: {"critical_failures": ["item9-high"]}).certificate
     assert not cert.certified and any("item9-high" in r for r in cert.reasons)
+    assert not any(r["eligible"] for r in cert.selection)  # every candidate failed: none was eligible
+
+
+def test_a_candidate_failing_a_critical_vignette_is_not_chosen(log_path: Path):
+    data = load_dataset(log_path)
+
+    def mixtures_fail(policy: CandidatePolicy) -> dict[str, list[str]]:
+        return {"critical_failures": ["item9-high"] if policy.candidate.family == "mixture" else []}
+
+    cert = certify(make_baseline("stard", 0.0), data, make_baseline("random", 0.0),
+                   CertifyConfig(seed=0, weights=(0.05, 0.1), thresholds=(0.1,), prefix_weeks=(1,)),
+                   critical_vignettes=mixtures_fail).certificate
+    assert cert.candidate["family"] != "mixture"
+    assert {r["eligible"] for r in cert.selection if r["family"] == "mixture"} == {False}
 
 
 def test_bad_input_is_named(log_path: Path):
@@ -232,7 +286,8 @@ def test_certify_writes_a_new_bundle_that_serves_the_certified_candidate(log_pat
     network = policy.network_probs(obs, mask)
     if cert["certified"]:
         assert policy.served is not None
-        expected = policy.served.combine(network, make_baseline("random", 0.0).action_probs(obs, mask), mask)
+        expected = policy.served.combine(network, make_baseline("random", 0.0).action_probs(obs, mask), mask,
+                                            obs)
     else:
         assert policy.served is None
         expected = network
