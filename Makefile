@@ -29,18 +29,27 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/carepath simulate --patients 5000 --weeks 26
 	$(BIN)/carepath calibrate --scale 0.5 --plot reports/demo/trajectories.png --json reports/demo/calibration.json
+	@echo
+	@echo "An offline agent (CQL) trained on the logged data, then certified on the patients it did not train on:"
 	$(BIN)/python train.py overwrite=true
 	@echo
+	@echo "An agent trained in the simulator (MaskablePPO), then certified on every logged patient:"
+	$(BIN)/python train.py agent=maskable_ppo overwrite=true
+	@echo
+	@echo "The certified policy's certificate (what the logged data vouch for):"
+	$(BIN)/carepath certify --show --policy runs/maskable_ppo/seed0/policy
+	@echo
 	@echo "The policy on textbook cases (guideline vignettes; a critical failure blocks certification):"
-	$(BIN)/carepath vignettes --policy runs/cql/seed0/policy --out reports/demo/vignettes.json
+	$(BIN)/carepath vignettes --policy runs/maskable_ppo/seed0/policy --out reports/demo/vignettes.json
 	@echo
 	@echo "A sample recommendation for a synthetic patient (examples/patient.json), with the policy's certificate:"
-	$(BIN)/carepath recommend --policy runs/cql/seed0/policy --patient examples/patient.json
+	$(BIN)/carepath recommend --policy runs/maskable_ppo/seed0/policy --patient examples/patient.json
 	@echo
 	@echo "Serve it to clinicians (REST API, CDS Hooks, the page at http://127.0.0.1:8000/):"
 	@echo "  $(BIN)/carepath tokens create clinic      # prints a bearer token once: paste it into the page"
-	@echo "  $(BIN)/carepath serve --policy runs/cql/seed0/policy   # refused unless certified;"
-	@echo "    add --allow-uncertified to serve it anyway, with a banner saying no certificate vouches for it"
+	@echo "  $(BIN)/carepath serve --policy runs/maskable_ppo/seed0/policy   # refused unless certified"
+	@echo "  (runs/cql/seed0/policy is not certified: serve refuses it unless --allow-uncertified is given,"
+	@echo "   and then shows a banner saying no certificate vouches for it)"
 	@echo
 	@echo "Decision support only: every figure above comes from simulated patients."
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,11 @@ def configure_certify(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--policy", required=True, type=Path, metavar="BUNDLE", help="the trained policy bundle")
-    parser.add_argument("--data", required=True, type=Path, metavar="LOG",
+    parser.add_argument("--data", type=Path, metavar="LOG",
                         help="logged care (Parquet or CSV) of patients the policy was not trained on")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="where to write the certified bundle")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where to write the certified bundle")
+    parser.add_argument("--show", action="store_true",
+                        help="print the certificate the bundle already holds (no --data or --out) and exit")
     parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the certificate (default 0.95)")
     parser.add_argument("--split", type=float, default=0.5,
                         help="share of the patients that choose the candidate; the rest test it (default 0.5)")
@@ -74,6 +77,11 @@ def configure_certify(parser: argparse.ArgumentParser) -> None:
 
 
 def run_certify(args: argparse.Namespace) -> int:
+    if args.show:
+        return show_certificate(args.policy, as_json=args.json)
+    missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if value is None]
+    if missing:
+        raise ValueError(f"carepath certify needs {' and '.join(missing)} (or --show to print a bundle's certificate)")
     config = CertifyConfig(confidence=args.confidence, split=args.split, seed=args.seed, method=args.method)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -94,6 +102,23 @@ def run_certify(args: argparse.Namespace) -> int:
     else:
         print(format_certificate(cert, dropped))
         print(f"wrote {out}")
+    return 0
+
+
+def show_certificate(bundle_path: Path, as_json: bool = False) -> int:
+    """Print the certificate a bundle holds; exit status 1 when it holds none."""
+    record = load(bundle_path).certificate
+    if not record:
+        print(f"{bundle_path}: no certificate (carepath certify --policy {bundle_path} --data LOG --out DIR "
+              "writes one)")
+        return 1
+    if as_json:
+        print(json.dumps(record, indent=2, default=str))
+        return 0
+    known = {f.name for f in fields(Certificate)}
+    print(format_certificate(Certificate(**{k: v for k, v in record.items() if k in known}),
+                             int(record.get("training_patients_dropped", 0) or 0)))
+    print(f"logged data: {record.get('data', 'unknown')} (sha256 {str(record.get('data_sha256', ''))[:12]}...)")
     return 0
 
 
@@ -158,6 +183,11 @@ def format_certificate(cert: Certificate, dropped: int = 0) -> str:
         lines.append(f"  vignettes           first suggestion acceptable {100 * cert.vignettes['first_share']:.0f} %, "
                      f"within top 3 {100 * cert.vignettes['top3_share']:.0f} %; critical failures: "
                      f"{', '.join(cert.vignettes['critical_failures']) or 'none'}")
+    if cert.subgroups:
+        lines.append("  subgroups           (descriptive, each at the stated confidence, no multiplicity correction)")
+        for g in cert.subgroups:
+            lines.append(f"    {g['feature']} = {g['value']:g}: {g['improvement']:+.1f} pp, lower bound "
+                         f"{g['lower_bound']:+.1f} pp ({g['episodes']:,} patients)")
     if dropped:
         lines.append(f"  dropped             {dropped:,} patients of the log who trained the policy")
     for reason in cert.reasons:

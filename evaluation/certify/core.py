@@ -336,7 +336,8 @@ def certify(
         estimator = ("remission: doubly robust paired difference (Jiang & Li 2016) with an outcome model fitted on "
                      "the selection half; reward: trajectory importance sampling, paired by episode; weights "
                      f"uncapped; {logged}")
-    method = (f"HCPI: candidate chosen on {len(choose):,} episodes by predicted bound, safety test on {len(test):,} "
+    method = (f"HCPI: candidate chosen on {len(choose):,} episodes as the likeliest to pass (effective sample >= "
+              f"{config.min_ess:g}, no critical vignette failed), safety test on {len(test):,} "
               f"other episodes; one-sided {'Student t' if config.method == 't' else 'empirical Bernstein'} bound; "
               f"every bound at {100 * level:g} %; fixed-sequence testing (candidate remission, then first-choice "
               "remission only if the candidate's holds) keeps both claims together at that confidence")

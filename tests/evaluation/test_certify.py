@@ -292,6 +292,13 @@ def test_certify_writes_a_new_bundle_that_serves_the_certified_candidate(log_pat
         assert policy.served is None
         expected = network
     assert np.allclose(served, expected) and (served[~mask] == 0).all()
+    # --show prints the stored certificate without data; a bundle without one says so (status 1)
+    assert main(["certify", "--show", "--policy", str(out)]) == 0
+    assert f"certificate {cert['id']}" in capsys.readouterr().out
+    assert main(["certify", "--show", "--policy", str(source)]) == 1
+    assert "no certificate" in capsys.readouterr().out
+    assert main(["certify", "--policy", str(source)]) == 2
+    assert "--data and --out" in capsys.readouterr().err
 
 
 def test_certify_refuses_the_patients_that_trained_the_policy(log_path: Path, tmp_path: Path, capsys):
