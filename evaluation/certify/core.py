@@ -211,8 +211,18 @@ class LoggedPart:
                                        self.episodes.obs[valid])
         return out
 
-    def first_choice_probs(self, candidate_policy: Policy) -> F64:
-        return target_probabilities(FirstChoicePolicy(candidate_policy), self.episodes)
+    def first_choice_probs(self, candidate_policy: CandidatePolicy) -> F64:
+        return target_probabilities(first_choice_policy(candidate_policy), self.episodes)
+
+
+def first_choice_policy(candidate_policy: CandidatePolicy) -> Policy:
+    """What happens if clinicians always take the first-ranked step where the candidate departs from
+    current care. A prefix departs only in its first weeks: after them the page ranks current care's
+    steps, and what clinicians do then is current care, whatever its first-ranked step."""
+    if candidate_policy.candidate.family == "prefix":
+        return CandidatePolicy(FirstChoicePolicy(candidate_policy.policy), candidate_policy.behaviour,
+                               candidate_policy.candidate)
+    return FirstChoicePolicy(candidate_policy)
 
 
 @dataclass(frozen=True)
@@ -362,7 +372,7 @@ def certify(
                       "lower_bound": 100 * first_remission.lower_bound,
                       "improvement": 100 * first_remission.improvement,
                       "reward_lower_bound": first_reward.lower_bound, "ess": first_remission.ess,
-                      "statement": _first_choice_statement(first_remission, certified)},
+                      "statement": _first_choice_statement(first_remission, certified, chosen)},
         data_sha256=dataset_sha256(dataset),
         behaviour_probabilities="estimated" if dataset.behavior_prob_estimated else "logged",
         behaviour_model=behaviour_spec,
@@ -432,12 +442,15 @@ def logging_policy(dataset: LoggedDataset) -> tuple[Policy, dict[str, Any]] | No
                                                           "epsilon": epsilon}
 
 
-def _first_choice_statement(bound: PairedBound, certified: bool) -> str:
+def _first_choice_statement(bound: PairedBound, certified: bool, chosen: Candidate) -> str:
     if not certified:
         return ("not tested: the first-ranked step is tested only once the candidate itself is certified "
                 f"(its remission bound alone: {100 * bound.lower_bound:+.1f} pp)")
     if bound.lower_bound > MIN_CERTIFIED_BOUND:
-        return "also certified if clinicians always take the first-ranked step"
+        span = "week" if chosen.weeks == 1 else f"{chosen.weeks} weeks"
+        when = f" in the first {span} of care" if chosen.family == "prefix" else ""
+        return (f"also certified if clinicians always take the first-ranked step{when} "
+                f"(remission bound {100 * bound.lower_bound:+.1f} pp)")
     text = ("not covered: if clinicians always take the first-ranked step, the logged data cannot vouch for it "
             f"(remission bound {100 * bound.lower_bound:+.1f} pp)")
     if certified:
