@@ -11,6 +11,7 @@ from envs.rules import action_mask
 from envs.spec import FEATURE_INDEX, N_ACTIONS, N_FEATURES
 from evaluation.certify import Candidate, CandidatePolicy, CertifyConfig, FirstChoicePolicy, certify, remission_outcome
 from evaluation.certify.bounds import lower_bound, paired_bound, paired_differences, selection_score
+from evaluation.certify.core import first_choice_policy
 from offline_data.behavior import fit_behaviour_model
 from offline_data.dataset import load_dataset
 from offline_data.generate import generate
@@ -91,6 +92,12 @@ def test_prefix_follows_the_trained_policy_only_in_its_first_weeks():
     assert np.allclose(probs[~early], current.action_probs(obs, mask)[~early])
     assert (probs[~mask] == 0).all() and early.any() and (~early).any()
     assert "first 2 weeks" in Candidate("prefix", weeks=2).describe()
+    # taking the first-ranked step: the trained policy's top step in those weeks, current care after
+    soft = make_baseline("stard", 0.3)
+    first = first_choice_policy(CandidatePolicy(soft, current, Candidate("prefix", weeks=2))).action_probs(obs, mask)
+    top = soft.action_probs(obs, mask).argmax(axis=1)
+    assert (first[early].argmax(axis=1) == top[early]).all() and (first[early].max(axis=1) == 1).all()
+    assert np.allclose(first[~early], current.action_probs(obs, mask)[~early])
     with pytest.raises(ValueError, match="at least 1 week"):
         Candidate("prefix", weeks=0)
     with pytest.raises(ValueError, match="whole number"):
