@@ -1,7 +1,9 @@
 """Serving latency, throughput, start-up time and memory against ``carepath serve`` on loopback.
 
-Starts ``carepath serve`` (one worker) in its own process over a prepared policy
-bundle and a fresh SQLite audit store, then, with ``--clients`` concurrent
+For each ``--workers`` count in turn (default ``1,2``: one process, then one per
+core on a 2-core machine, side by side in one run), starts ``carepath serve``
+in its own process group over a prepared policy bundle and a fresh SQLite audit
+store, then, with ``--clients`` concurrent
 keep-alive clients (threads) and ``--requests`` requests per phase:
 
 - phase ``explain``: ``POST /v1/recommendations`` with the SHAP rationale (top 3
@@ -12,7 +14,8 @@ keep-alive clients (threads) and ``--requests`` requests per phase:
 
 plus the start-up time from process start to the first healthy answer, which
 includes loading and warming the explainer (target <= 15 s), the server's
-resident memory after the load (VmRSS, and its peak VmHWM; target <= 1 GiB),
+resident memory after the load per worker process (VmRSS, and its peak VmHWM;
+target <= 700 MiB per worker),
 and whether the audit store holds exactly one row per answered request.
 
 Patients are drawn from a fixed generator over the API's ranges. Clients and
@@ -44,8 +47,8 @@ import numpy as np
 RESULTS = Path(__file__).resolve().parent / "results"
 P95_TARGET_MS = 50.0
 THROUGHPUT_TARGET = 300.0
-STARTUP_TARGET_S = 15.0
-MEMORY_TARGET_MIB = 1024.0
+STARTUP_TARGET_S = 10.0
+MEMORY_TARGET_MIB = 700.0  # per worker
 
 
 def free_port() -> int:
@@ -62,9 +65,10 @@ class ServeProcess:
     """``carepath serve`` in its own process group, restartable on the same store and port."""
 
     def __init__(self, policy: str | Path, db_url: str, *, port: int | None = None, log: Path | None = None,
-                 extra_args: Sequence[str] = NO_RATE_LIMIT, log_stdout: bool = False) -> None:
+                 extra_args: Sequence[str] = NO_RATE_LIMIT, log_stdout: bool = False, workers: int = 1) -> None:
         """``log``: where its stderr goes (and its stdout, the access log, with ``log_stdout``)."""
         self.policy = str(policy)
+        self.workers = workers
         self.extra_args = list(extra_args)
         self.db_url = db_url
         self.port = port or free_port()
@@ -88,7 +92,7 @@ class ServeProcess:
         self.proc = subprocess.Popen(
             # latency and robustness, not certification: the test bundles carry no certificate
             [str(carepath), "serve", "--policy", self.policy, "--port", str(self.port), "--db", self.db_url,
-             "--allow-uncertified", *self.extra_args],
+             "--allow-uncertified", "--workers", str(self.workers), *self.extra_args],
             stdout=self._log_file if self.log_stdout and self._log_file else subprocess.DEVNULL,
             stderr=self._log_file or subprocess.DEVNULL, start_new_session=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -180,6 +184,17 @@ def rss_mib(pid: int) -> tuple[float, float]:
     return fields["VmRSS"], fields["VmHWM"]
 
 
+def worker_pids(pid: int) -> list[int]:
+    """The processes that answer requests: ``pid`` itself with one worker, else its spawned workers
+    (not multiprocessing's resource tracker)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    workers = [c for c in children
+               if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return workers or [pid]
+
+
 def load_phase(url: str, token: str, patients: list[dict[str, float]], requests: int, clients: int,
                explain: bool) -> dict[str, Any]:
     """``requests`` POSTs split over ``clients`` threads; latencies of the answered ones."""
@@ -228,11 +243,46 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--warmup", type=int, default=50, help="unmeasured requests before each phase")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", default="1,2", help="worker counts to measure in turn (default 1,2)")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_latency.json")
     args = parser.parse_args(argv)
     if not (Path(args.policy) / "bundle.json").is_file():
         raise SystemExit(f"{args.policy}: no policy bundle; run 'make demo' first or pass --policy PATH")
 
+
+    counts = [int(w) for w in args.workers.split(",")]
+    runs = [measure(args, workers) for workers in counts]
+    figures = {"benchmark": "serve_latency", "machine": platform.platform(), "cpus": os.cpu_count(),
+               "policy": args.policy, "clients": args.clients, "startup_target_s": STARTUP_TARGET_S,
+               "p95_target_ms": P95_TARGET_MS, "throughput_target": THROUGHPUT_TARGET,
+               "memory_target_mib_per_worker": MEMORY_TARGET_MIB, "runs": runs}
+    print(f"{'workers':>7} {'start s':>7} {'phase':<16} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+          f"{'errors':>6} {'MiB/worker':>10} {'audit':>6}")
+    for run in runs:
+        for name, p in run["phases"].items():
+            print(f"{run['workers']:>7} {run['startup_s']:>7.1f} {name:<16} {p['requests_per_s']:>7.1f} "
+                  f"{p['p50_ms']:>7.1f} {p['p95_ms']:>7.1f} {p['p99_ms']:>7.1f} {p['errors']:>6} "
+                  f"{max(run['rss_mib_after_load']):>10.0f} {'ok' if run['audit_rows_match'] else 'MISMATCH':>6}")
+    if len(runs) > 1:
+        base = runs[0]["phases"]
+        for run in runs[1:]:
+            ratios = {name: round(p["requests_per_s"] / base[name]["requests_per_s"], 2)
+                      for name, p in run["phases"].items()}
+            run["throughput_ratio_vs_first"] = ratios
+            print(f"{run['workers']} workers vs {runs[0]['workers']}: throughput x{ratios['plain']:.2f} without SHAP, "
+                  f"x{ratios['explain']:.2f} with it; p95 with SHAP {run['phases']['explain']['p95_ms']:.0f} vs "
+                  f"{base['explain']['p95_ms']:.0f} ms")
+    print(f"targets: p95 with SHAP <= {P95_TARGET_MS:.0f} ms; without SHAP >= {THROUGHPUT_TARGET:.0f} req/s; "
+          f"start-up <= {STARTUP_TARGET_S:.0f} s; <= {MEMORY_TARGET_MIB:.0f} MiB per worker")
+    from evaluation.cli import write_json_atomic
+
+    write_json_atomic(args.out, figures)
+    print(f"wrote {args.out}")
+
+
+def measure(args: argparse.Namespace, workers: int) -> dict[str, Any]:
+    """One server with ``workers`` processes, its three load phases, memory and audit rows."""
+    from serving.audit import audit_summary
     from serving.auth import TokenStore
     from serving.db import make_engine
 
@@ -240,13 +290,12 @@ def main(argv: list[str] | None = None) -> None:
         db_url = f"sqlite:///{Path(tmp) / 'audit.sqlite'}"
         token = TokenStore(make_engine(db_url)).create("bench")
         # the log is a file, not a pipe: nobody reads it during the load, and a full pipe would stall the server
-        with ServeProcess(args.policy, db_url, log=Path(tmp) / "server.log") as server:
+        with ServeProcess(args.policy, db_url, log=Path(tmp) / "server.log", workers=workers) as server:
             try:
                 startup_s = server.start()
             except RuntimeError as err:
                 raise SystemExit(str(err)) from None
             url = server.url
-            rss_start, _ = rss_mib(server.pid)
             patients = random_patients(1000, args.seed)
             phases = {}
             for name, explain, clients in (("explain", True, args.clients), ("plain", False, args.clients),
@@ -254,32 +303,12 @@ def main(argv: list[str] | None = None) -> None:
                 load_phase(url, token, patients, args.warmup, clients, explain)
                 requests = args.requests if clients > 1 else max(1, args.requests // 4)
                 phases[name] = load_phase(url, token, patients, requests, clients, explain)
-            rss_end, rss_peak = rss_mib(server.pid)
-        from serving.audit import audit_summary
-
+            memory = [rss_mib(pid) for pid in worker_pids(server.pid)]
         audited = audit_summary(make_engine(db_url)).recommendations
     answered = sum(p["answered"] for p in phases.values()) + len(phases) * args.warmup
-    figures = {
-        "benchmark": "serve_latency", "machine": platform.platform(), "cpus": os.cpu_count(),
-        "policy": args.policy, "clients": args.clients, "workers": 1,
-        "startup_s": round(startup_s, 2), "startup_target_s": STARTUP_TARGET_S,
-        "phases": phases, "p95_target_ms": P95_TARGET_MS, "throughput_target": THROUGHPUT_TARGET,
-        "rss_mib_after_start": round(rss_start, 1), "rss_mib_after_load": round(rss_end, 1),
-        "rss_mib_peak": round(rss_peak, 1), "memory_target_mib": MEMORY_TARGET_MIB,
-        "answered": answered, "audit_rows": audited, "audit_rows_match": answered == audited,
-    }
-    print(f"start-up incl. warm-up: {startup_s:.1f} s (target <= {STARTUP_TARGET_S:.0f} s)")
-    print(f"{'phase':<16} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6}")
-    for name, p in phases.items():
-        print(f"{name:<16} {p['requests_per_s']:>7.1f} {p['p50_ms']:>7.1f} {p['p95_ms']:>7.1f} {p['p99_ms']:>7.1f} "
-              f"{p['errors']:>6}")
-    print(f"targets: p95 with SHAP <= {P95_TARGET_MS:.0f} ms; without SHAP >= {THROUGHPUT_TARGET:.0f} req/s")
-    print(f"memory: {rss_end:.0f} MiB resident after load, peak {rss_peak:.0f} MiB (target <= 1024)")
-    print(f"audit rows {audited} for {answered} answered requests ({'match' if answered == audited else 'MISMATCH'})")
-    from evaluation.cli import write_json_atomic
-
-    write_json_atomic(args.out, figures)
-    print(f"wrote {args.out}")
+    return {"workers": workers, "startup_s": round(startup_s, 2), "phases": phases,
+            "rss_mib_after_load": [round(m[0], 1) for m in memory], "rss_mib_peak": [round(m[1], 1) for m in memory],
+            "answered": answered, "audit_rows": audited, "audit_rows_match": answered == audited}
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -134,6 +135,8 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="an origin whose pages may call the API (repeat; default none: CORS closed)")
     parser.add_argument("--allow-uncertified", action="store_true",
                         help="serve a policy without a certificate (carepath certify); every answer then says so")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="server processes (default: one per core); the rate limit is shared out among them")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -141,19 +144,38 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from serving.app import ServeSettings, create_app
+    from serving.workers import (
+        PARENT_ENV,
+        SETTINGS_ENV,
+        check_workers,
+        default_workers,
+        per_worker,
+        preflight,
+        settings_to_env,
+    )
 
-    # small MLPs on one row gain nothing from intra-op threads, and they fight the server's own threads
-    torch.set_num_threads(1)
-
+    workers = check_workers(args.workers if args.workers is not None else default_workers())
+    settings = ServeSettings(policies=args.policy, db_url=args.db, key_file=args.key_file,
+                             max_body_bytes=args.max_body_bytes, rate_limit=args.rate_limit,
+                             rate_burst=args.rate_burst, cors_origins=tuple(args.cors_origin),
+                             allow_uncertified=args.allow_uncertified)
     started = time.perf_counter()
-    app = create_app(ServeSettings(policies=args.policy, db_url=args.db, key_file=args.key_file,
-                                   max_body_bytes=args.max_body_bytes, rate_limit=args.rate_limit,
-                                   rate_burst=args.rate_burst, cors_origins=tuple(args.cors_origin),
-                                   allow_uncertified=args.allow_uncertified))
-    print(f"carepath: {len(args.policy)} policy(ies) loaded and explainers warmed in "
-          f"{time.perf_counter() - started:.1f} s; serving http://{args.host}:{args.port}/ "
-          f"(decision support only)", file=sys.stderr, flush=True)
     # no "server: uvicorn" header: it tells an attacker which parser to aim at
-    uvicorn.run(app, host=args.host, port=args.port, workers=1, log_level="info", access_log=True,
-                server_header=False)
+    options: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": "info", "access_log": True,
+                               "server_header": False}
+    if workers == 1:
+        # small MLPs on one row gain nothing from intra-op threads, and they fight the server's own threads
+        torch.set_num_threads(1)
+        app = create_app(settings)
+        print(f"carepath: {len(args.policy)} policy(ies) loaded and explainers warmed in "
+              f"{time.perf_counter() - started:.1f} s; serving http://{args.host}:{args.port}/ "
+              f"(decision support only)", file=sys.stderr, flush=True)
+        uvicorn.run(app, workers=1, **options)
+        return 0
+    preflight(settings)  # one clear line now rather than every worker failing at its start
+    os.environ[SETTINGS_ENV] = settings_to_env(per_worker(settings, workers))
+    os.environ[PARENT_ENV] = str(os.getpid())
+    print(f"carepath: settings checked in {time.perf_counter() - started:.1f} s; starting {workers} workers on "
+          f"http://{args.host}:{args.port}/ (decision support only)", file=sys.stderr, flush=True)
+    uvicorn.run("serving.workers:app_from_env", factory=True, workers=workers, **options)
     return 0
