@@ -55,6 +55,9 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()  # closed by default: no cross-origin page can read answers
     #: serve a policy no certificate vouches for (``carepath certify``); its answers then carry a banner
     allow_uncertified: bool = False
+    #: "now": build and warm the SHAP explainers before the app exists; "background": in a thread, so
+    #: the server answers at once and only an explained request in its first seconds waits
+    warm_explainers: str = "now"
 
 
 @dataclass
@@ -137,10 +140,13 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
     """Build the app; loads and warms every policy unless ``recommenders`` are given."""
     if not settings.policies and not recommenders:
         raise ValueError("serve needs at least one policy bundle (--policy PATH)")
+    if settings.warm_explainers not in ("now", "background"):
+        raise ValueError(f"warm_explainers must be 'now' or 'background', got {settings.warm_explainers!r}")
     if recommenders is None:
         recommenders = {}
         for path in settings.policies:
-            rec = Recommender(path, permutations=settings.permutations)
+            rec = Recommender(path, permutations=settings.permutations,
+                              warm=True if settings.warm_explainers == "now" else "background")
             if rec.policy.name in recommenders:
                 raise ValueError(f"two policies are named {rec.policy.name!r}; serve each name once")
             recommenders[rec.policy.name] = rec
@@ -175,7 +181,9 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
 
     @app.get("/healthz", tags=["meta"])
     async def healthz(state: StateDep) -> dict[str, Any]:
-        return {"status": "ok", "version": __version__, "policies": list(state.recommenders)}
+        warming = [name for name, r in state.recommenders.items() if not getattr(r.explainer, "ready", True)]
+        return {"status": "ok", "version": __version__, "policies": list(state.recommenders),
+                "explainers": "warming" if warming else "ready"}
 
     @app.get("/v1/policies", response_model=list[PolicySummary], tags=["recommendations"])
     async def policies(state: StateDep, _: Annotated[TokenInfo, Depends(require_scope("recommend"))]) -> Any:

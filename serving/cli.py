@@ -158,7 +158,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(policies=args.policy, db_url=args.db, key_file=args.key_file,
                              max_body_bytes=args.max_body_bytes, rate_limit=args.rate_limit,
                              rate_burst=args.rate_burst, cors_origins=tuple(args.cors_origin),
-                             allow_uncertified=args.allow_uncertified)
+                             allow_uncertified=args.allow_uncertified, warm_explainers="background")
     started = time.perf_counter()
     # no "server: uvicorn" header: it tells an attacker which parser to aim at
     options: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": "info", "access_log": True,
@@ -167,8 +167,8 @@ def run_serve(args: argparse.Namespace) -> int:
         # small MLPs on one row gain nothing from intra-op threads, and they fight the server's own threads
         torch.set_num_threads(1)
         app = create_app(settings)
-        print(f"carepath: {len(args.policy)} policy(ies) loaded and explainers warmed in "
-              f"{time.perf_counter() - started:.1f} s; serving http://{args.host}:{args.port}/ "
+        print(f"carepath: {len(args.policy)} policy(ies) loaded in {time.perf_counter() - started:.1f} s (SHAP "
+              f"explainers warming in the background); serving http://{args.host}:{args.port}/ "
               f"(decision support only)", file=sys.stderr, flush=True)
         uvicorn.run(app, workers=1, **options)
         return 0

@@ -9,8 +9,11 @@ action the values add up to ``score(x) - base value`` (float32 round-off
 aside), however few permutations are drawn. The model explained is the
 policy's score for every action at once (one call explains them all).
 
-The explainer is built and run once at start-up (:meth:`Explainer.warm`):
-shap compiles its numba kernels on the first call, which takes seconds.
+The explainer is built and run once before its first answer (:meth:`Explainer.warm`):
+shap compiles its numba kernels on the first call, which takes seconds (one of
+them at every start: it cannot be cached). :class:`BackgroundExplainer` does that
+in a thread, so a server answers ``/healthz`` and unexplained requests at once and
+only a request asking for a rationale in the first seconds waits for it.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import shap
 from numpy.typing import NDArray
 
 from envs.spec import FEATURE_NAMES, N_FEATURES
@@ -50,7 +53,6 @@ def _cache_shap_kernels() -> None:
             continue
 
 
-_cache_shap_kernels()
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,9 @@ class Explainer:
         # forward and back (an antithetic pair), which halves the estimate's variance; one pair is
         # the default because the model evaluations dominate a request's cost
         self.max_evals = permutations * (2 * N_FEATURES + 1)
+        import shap  # seconds of imports (numba, scikit-learn): only where an explainer is built
+
+        _cache_shap_kernels()
         masker = shap.maskers.Independent(background, max_samples=len(background))
         self._explainer = shap.PermutationExplainer(score_fn, masker, feature_names=list(FEATURE_NAMES),
                                                     seed=seed)
@@ -117,3 +122,55 @@ class Explainer:
         base = np.asarray(result.base_values, dtype=np.float64)[0]  # (A,)
         scores = np.asarray(self.score_fn(x), dtype=np.float64)[0]
         return Explanation(values=values, base_values=base, scores=scores)
+
+
+class BackgroundExplainer:
+    """An :class:`Explainer` built and warmed in a thread, started at once: ``explain`` waits for it.
+
+    Unexplained requests never touch it, so a server is ready for them (and for ``/healthz``)
+    seconds before shap has compiled; a failure to build is raised by every ``explain``."""
+
+    def __init__(self, score_fn: ScoreFn, background: NDArray[np.floating], *, permutations: int = 1,
+                 seed: int = 0) -> None:
+        self.background = np.asarray(background, dtype=np.float64)
+        if self.background.ndim != 2 or self.background.shape[1] != N_FEATURES or len(self.background) == 0:
+            raise ValueError(f"SHAP background must have shape (k, {N_FEATURES}), got {self.background.shape}")
+        if permutations < 1:
+            raise ValueError(f"SHAP permutations must be at least 1, got {permutations}")
+        self._args: tuple[Any, ...] = (score_fn, self.background, permutations, seed)
+        self._ready = threading.Event()
+        self._explainer: Explainer | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._build, name="carepath-explainer-warm-up", daemon=True).start()
+
+    def _build(self) -> None:
+        score_fn, background, permutations, seed = self._args
+        try:
+            explainer = Explainer(score_fn, background, permutations=permutations, seed=seed)
+            explainer.warm()
+            self._explainer = explainer
+        except BaseException as err:  # handed to every caller of explain
+            self._error = err
+        finally:
+            self._ready.set()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def warm(self) -> None:
+        self._ready.wait()
+        self._check()
+
+    def explain(self, obs: NDArray[np.floating]) -> Explanation:
+        self._ready.wait()
+        self._check()
+        assert self._explainer is not None
+        return self._explainer.explain(obs)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the SHAP explainer could not be built: {self._error}") from self._error

@@ -14,7 +14,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,7 +32,7 @@ from envs.spec import (
 )
 from policies.bundle import MANIFEST, BundleError, BundlePolicy, load
 from serving.benefit import BENEFIT_ENTRY_KEYS, BenefitModel
-from serving.explain import Explainer
+from serving.explain import BackgroundExplainer, Explainer
 from serving.patient import build_observation
 from serving.schemas import (
     BenefitEstimate,
@@ -63,7 +63,10 @@ class NotPrepared(ValueError):
 class Recommender:
     """Load a bundle once (checked), build and warm the explainer, then answer requests."""
 
-    def __init__(self, bundle: str | Path | BundlePolicy, *, warm: bool = True, permutations: int = 1) -> None:
+    def __init__(self, bundle: str | Path | BundlePolicy, *, warm: bool | Literal["background"] = True,
+                 permutations: int = 1) -> None:
+        """``warm``: True builds and warms the explainer now, False on its first use, "background"
+        in a thread started now (:class:`serving.explain.BackgroundExplainer`)."""
         self.policy = bundle if isinstance(bundle, BundlePolicy) else load(bundle)
         explain = self.policy.manifest.explain
         missing = [key for key in ("background", "feature_medians", "benefit") if key not in explain]
@@ -75,15 +78,18 @@ class Recommender:
         self.medians: dict[str, float] = {k: float(v) for k, v in explain["feature_medians"].items()}
         self.benefit = BenefitModel.from_bundle(self.policy)
         self.score_kind = "q_value" if self.policy.has_q_values else "logit"
-        self.explainer = Explainer(self.policy.outputs, np.asarray(explain["background"], dtype=np.float64),
-                                   permutations=permutations)
+        background = np.asarray(explain["background"], dtype=np.float64)
+        self.explainer: Explainer | BackgroundExplainer = (
+            BackgroundExplainer(self.policy.outputs, background, permutations=permutations) if warm == "background"
+            else Explainer(self.policy.outputs, background, permutations=permutations))
         self.info = PolicyInfo(name=self.policy.name, algorithm=self.policy.algorithm,
                                version=self.policy.manifest.weights_sha256[:12],
                                created=self.policy.manifest.created,
                                evaluation_summary=evaluation_summary(self.policy.manifest.evaluation),
                                certification=certification_info(self.policy.manifest.certificate))
-        if warm:
+        if warm is True:
             self.explainer.warm()
+        if warm:
             self.recommend({}, top_k=1, explain=False)
 
     def recommend(self, features: Mapping[str, Any], *, top_k: int = 3, explain: bool = True) -> Recommendation:

@@ -90,3 +90,31 @@ def _gone(pid: int, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_explainers_warm_in_the_background_and_an_explained_request_waits_for_them(prepared_bundle: Path,
+                                                                                    tmp_path: Path):
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.auth import TokenStore
+    from serving.db import make_engine
+    from serving.recommender import Recommender
+
+    db_url = f"sqlite:///{tmp_path / 'audit.sqlite'}"
+    token = TokenStore(make_engine(db_url)).create("warm")
+    app = create_app(ServeSettings(policies=[prepared_bundle], db_url=db_url, allow_uncertified=True,
+                                   warm_explainers="background"))
+    with TestClient(app) as client:
+        assert client.get("/healthz").json()["explainers"] in ("warming", "ready")
+        body = {"features": PATIENT, "top_k": 2, "explain": True}
+        r = client.post("/v1/recommendations", json=body, headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and all(s["rationale"] for s in r.json()["suggestions"])
+        assert client.get("/healthz").json()["explainers"] == "ready"
+        # the same rationale as an explainer warmed before the app existed
+        now = Recommender(prepared_bundle).recommend(PATIENT, top_k=2, explain=True)
+        first = r.json()["suggestions"][0]["rationale"]
+        assert first["contributions"] == [c.model_dump() for c in now.suggestions[0].rationale.contributions]
+    with pytest.raises(ValueError, match="warm_explainers"):
+        create_app(ServeSettings(policies=[prepared_bundle], db_url=db_url, allow_uncertified=True,
+                                 warm_explainers="later"))
