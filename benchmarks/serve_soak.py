@@ -12,7 +12,8 @@ bundle and a fresh SQLite audit store (WAL, ``synchronous=FULL``), then:
   from the first to the last window (target < 10 %), and audit rows against
   answered requests (they must match: a row is committed before its answer).
 - ``--kill-after S``: load again, SIGKILL the server S seconds in, check the
-  store the dead server left (``PRAGMA integrity_check``; every audit id answered
+  store the dead server left (SQLite: ``PRAGMA integrity_check``, PostgreSQL: its
+  sessions all ended; every audit id answered
   200 has its row; the only extra rows are of requests that were in flight, i.e.
   committed but never answered), restart the server on the same store and port,
   load it ``--after`` seconds more and count again: audit rows == answered
@@ -20,7 +21,8 @@ bundle and a fresh SQLite audit store (WAL, ``synchronous=FULL``), then:
 
 Clients and server share the machine's cores. Prints a table and writes
 ``benchmarks/results/serve_soak.json``. ``tests/serving/test_crash_and_soak.py``
-runs the same harness CI-sized.
+runs the same harness CI-sized, on SQLite and on PostgreSQL (the functions here take any
+store URL; a PostgreSQL store needs its pseudonymisation key, ``key_file``).
 """
 
 from __future__ import annotations
@@ -255,13 +257,14 @@ def audited_ids(db_url: str, ids: Iterable[str]) -> set[str]:
     return found
 
 
-def rows_of_patients(db_url: str, patient_ids: Iterable[str]) -> int:
-    """How many rows belong to these patients (found by their pseudonyms under the store's key)."""
+def rows_of_patients(db_url: str, patient_ids: Iterable[str], key_file: str | Path | None = None) -> int:
+    """How many rows belong to these patients (found by their pseudonyms under the store's key:
+    ``key_file``, else as the server finds it, see serving.db.pseudonym_key)."""
     from sqlalchemy import func, select
 
     from serving.db import RecommendationRecord, pseudonym_key, pseudonymise
 
-    key = pseudonym_key(db_url)
+    key = pseudonym_key(db_url, key_file)
     pseudonyms = [pseudonymise(p, key) for p in patient_ids]
     if not pseudonyms:
         return 0
@@ -270,12 +273,33 @@ def rows_of_patients(db_url: str, patient_ids: Iterable[str]) -> int:
                             .where(RecommendationRecord.patient_pseudonym.in_(pseudonyms))) or 0)
 
 
-def integrity_check(db_url: str) -> str:
-    """``PRAGMA integrity_check``: "ok" for a sound SQLite file."""
-    from sqlalchemy import text
+def integrity_check(db_url: str, timeout: float = 15.0) -> str:
+    """The state the killed server left its store in: "ok" when sound.
+
+    SQLite: ``PRAGMA integrity_check`` of the file the dead process wrote.
+    PostgreSQL (any server database): the killed server was a client, the
+    database server alone writes its files; what can be left behind are the dead
+    client's sessions, with a transaction in them. "ok" once every other session
+    on the store's database has ended (each of its transactions committed or
+    rolled back by the server), which is waited for up to ``timeout`` seconds:
+    the counts that follow then see the final state. The store's database must
+    be the server's alone (as in the benchmark and the tests).
+    """
+    from sqlalchemy import make_url, text
 
     with _engine(db_url) as engine, engine.connect() as c:
-        return "; ".join(str(row[0]) for row in c.execute(text("PRAGMA integrity_check")))
+        if make_url(db_url).get_backend_name() == "sqlite":
+            return "; ".join(str(row[0]) for row in c.execute(text("PRAGMA integrity_check")))
+        others = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                      "AND pid <> pg_backend_pid()")
+        deadline = time.monotonic() + timeout
+        while True:
+            left = int(c.scalar(others) or 0)
+            c.rollback()  # pg_stat_activity is read once per transaction: a new one for each look
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        return "ok" if not left else f"{left} session(s) of the killed server still open after {timeout:g} s"
 
 
 # ----------------------------------------------------------------------------- the runs
@@ -315,8 +339,11 @@ def soak(server: ServeProcess, token: str, *, seconds: float, clients: int = 8, 
 
 
 def crash_and_restart(server: ServeProcess, token: str, *, kill_after: float, after_s: float = 3.0,
-                      clients: int = 8, seed: int = 0) -> dict[str, Any]:
-    """Load ``server``, SIGKILL it ``kill_after`` seconds in, check the store, restart, load, count again."""
+                      clients: int = 8, seed: int = 0, key_file: str | Path | None = None) -> dict[str, Any]:
+    """Load ``server``, SIGKILL it ``kill_after`` seconds in, check the store, restart, load, count again.
+
+    ``key_file``: the store's pseudonymisation key, when the server is given one (always on PostgreSQL).
+    """
     rows_before = audit_rows(server.db_url)
     load = Load(server.url, token, clients=clients, prefix="crash", seed=seed, stop_on_disconnect=True)
     load.start()
@@ -332,7 +359,7 @@ def crash_and_restart(server: ServeProcess, token: str, *, kill_after: float, af
     missing = len(set(answered_ids) - audited_ids(server.db_url, answered_ids))
     integrity = integrity_check(server.db_url)
     rows_after_kill = audit_rows(server.db_url)
-    committed_in_flight = rows_of_patients(server.db_url, [o.patient_id for o in unanswered])
+    committed_in_flight = rows_of_patients(server.db_url, [o.patient_id for o in unanswered], key_file)
 
     restart_s = server.start()
     after = Load(server.url, token, clients=clients, prefix="restart", seed=seed + 1).run(after_s)

@@ -2,8 +2,12 @@
 
 SQLite is the default (one file beside the server, nothing to install); any
 SQLAlchemy URL works, e.g. PostgreSQL with ``postgresql+psycopg://user@host/db``
-(install the driver; give the password in ``~/.pgpass`` or the URL). The
-tables are created on open (:func:`make_engine`), so a fresh file is ready.
+(install the driver: ``pip install -e '.[postgres]'``; give the password in
+``~/.pgpass`` or the URL). The tables are created on open (:func:`make_engine`),
+so a fresh file is ready. A database server that goes away is survived: pooled
+connections are pinged before use, so the server answers 503 while it is gone
+and carries on by itself once it is back (tests/serving/test_audit.py runs
+such an outage against a real PostgreSQL).
 
 SQLite runs in WAL journal mode with ``synchronous=FULL``: a row is on disk
 when its transaction commits, so a SIGKILL (or power loss) of the server
@@ -205,6 +209,9 @@ def _add_missing_columns(engine: Engine) -> None:
 
 def _create(url: URL) -> Engine:
     if url.get_backend_name() != "sqlite":
+        # pre-ping: a pooled connection the server dropped (restart, outage) is replaced on checkout
+        # instead of failing the next request; while the server is unreachable, connecting raises
+        # OperationalError, which the app answers with 503
         return create_engine(url, pool_pre_ping=True)
     file = sqlite_file(url)
     if file is not None and not file.parent.exists():

@@ -1,14 +1,25 @@
-"""The audit store: recording, pseudonyms, feedback, summary and export as logged data."""
+"""The audit store: recording, pseudonyms, feedback, summary and export as logged data.
+
+The store's tests run on SQLite and on PostgreSQL (``[sqlite]``/``[postgresql]``, see
+tests/serving/conftest.py for the server they need), the last one through a real outage of
+PostgreSQL: a TCP forwarder between the app and the server that is stopped and started again.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
+from sqlalchemy import Engine
 
 import serving.audit as audit_module
 from carepath.cli import main
@@ -19,14 +30,10 @@ from offline_data.dataset import load_dataset
 from offline_data.pseudonymise import pseudonym
 from serving.audit import AuditStore, UnknownAuditId
 from serving.db import make_engine, pseudonym_key
+from tests.serving.conftest import PATIENT, AuditDatabase, serve
 
 KEY = b"0123456789abcdef-audit-test-key"
 START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
-
-
-def db_bytes(path) -> bytes:
-    wal = path.with_name(path.name + "-wal")
-    return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
 
 
 class Clock:
@@ -46,12 +53,22 @@ def clock(monkeypatch):
     return c
 
 
+@dataclass
+class Db:
+    """A fresh audit store (SQLite or PostgreSQL) and an engine on it."""
+
+    database: AuditDatabase
+    engine: Engine
+
+    @property
+    def url(self) -> str:
+        return self.database.url
+
+
 @pytest.fixture
-def db(tmp_path):
-    path = tmp_path / "audit.sqlite"
-    url = f"sqlite:///{path}"
-    engine = make_engine(url)
-    yield path, url, engine
+def db(audit_db: AuditDatabase) -> Iterator[Db]:
+    engine = make_engine(audit_db.url)
+    yield Db(audit_db, engine)
     engine.dispose()
 
 
@@ -80,7 +97,7 @@ def record(store: AuditStore, patient: str | None, features, *, channel="rest", 
 
 
 def test_recommendation_and_feedback_round_trip(db):
-    store = AuditStore(db[2], KEY)
+    store = AuditStore(db.engine, KEY)
     features = patient_weeks(1, 1)[0][0]
     audit_id = store.record_recommendation(
         token_name="ehr", channel="cds-hooks", patient_id="MRN-4711", policy_name="cql", policy_version="1.2.0",
@@ -108,8 +125,7 @@ def test_recommendation_and_feedback_round_trip(db):
 
 
 def test_raw_identifiers_are_never_stored(db):
-    path, _, engine = db
-    store = AuditStore(engine, KEY)
+    store = AuditStore(db.engine, KEY)
     patient, clinician = "MRN-9183726", "clinician-Q55821"
     request = {"patient_id": patient, "context": {"patientId": patient},
                "prefetch": {"patient": {"resourceType": "Patient", "id": patient,
@@ -121,7 +137,8 @@ def test_raw_identifiers_are_never_stored(db):
                       response={"patient": patient, "cards": []})
     store.record_feedback(audit_id=audit_id, token_name="ehr", suggestion_id="s", action="continue",
                           outcome="accepted", clinician_id=clinician)
-    stored = db_bytes(path)
+    stored = db.database.stored_text()
+    assert pseudonym(KEY, patient).encode() in stored  # the test looks in the right place
     for secret in (patient, clinician, "Zyxwvutson", "Quentina", "1971-04-09"):
         assert secret.encode() not in stored
     got = store.get(audit_id)
@@ -134,11 +151,11 @@ def test_raw_identifiers_are_never_stored(db):
 
 
 def test_same_patient_gets_the_same_pseudonym_across_restarts(db):
-    _, url, _ = db
+    url, key_file = db.url, db.database.key_file
     pseudonyms = []
-    for _ in range(2):  # two "server starts": new engine, key found again from the store's key file
+    for _ in range(2):  # two "server starts": new engine, key found again (SQLite: from the store's key file)
         engine = make_engine(url)
-        store = AuditStore(engine, pseudonym_key(url, environ={}))
+        store = AuditStore(engine, pseudonym_key(url, key_file, environ={}))
         got = store.get(record(store, "MRN-1", patient_weeks(3, 1)[0][0]))
         assert got is not None
         pseudonyms.append(got.patient_pseudonym)
@@ -148,13 +165,13 @@ def test_same_patient_gets_the_same_pseudonym_across_restarts(db):
 
 def test_writing_with_another_key_is_refused(db):
     features = patient_weeks(4, 1)[0][0]
-    record(AuditStore(db[2], KEY), "MRN-1", features)
+    record(AuditStore(db.engine, KEY), "MRN-1", features)
     with pytest.raises(ValueError, match="made with another key"):
-        record(AuditStore(db[2], b"another-key-of-enough-length"), "MRN-1", features)
+        record(AuditStore(db.engine, b"another-key-of-enough-length"), "MRN-1", features)
 
 
 def test_bad_input_is_refused(db):
-    store = AuditStore(db[2], KEY)
+    store = AuditStore(db.engine, KEY)
     features = patient_weeks(5, 1)[0][0]
     with pytest.raises(UnknownAuditId, match="f" * 32) as err:
         store.record_feedback(audit_id="f" * 32, token_name="ehr", suggestion_id="s", action="continue",
@@ -222,7 +239,7 @@ def fill_store(store: AuditStore, clock: Clock) -> dict[str, list[tuple[int, int
 
 
 def test_export_turns_clinician_choices_into_logged_data(db, clock, tmp_path):
-    store = AuditStore(db[2], KEY)
+    store = AuditStore(db.engine, KEY)
     expected = fill_store(store, clock)
     out = tmp_path / "export" / "logged.parquet"
     messages: list[str] = []
@@ -252,7 +269,7 @@ def test_export_turns_clinician_choices_into_logged_data(db, clock, tmp_path):
 
 
 def test_export_splits_the_episode_at_a_blocked_choice(db, clock, tmp_path):
-    store = AuditStore(db[2], KEY)
+    store = AuditStore(db.engine, KEY)
     history = patient_weeks(21, 4)
     blocked_week = 2
     obs = np.array([[history[blocked_week][0][n] for n in FEATURE_NAMES]], dtype=np.float32)
@@ -273,7 +290,7 @@ def test_export_splits_the_episode_at_a_blocked_choice(db, clock, tmp_path):
 
 
 def test_export_with_nothing_to_export_writes_nothing(db, clock, tmp_path):
-    store = AuditStore(db[2], KEY)
+    store = AuditStore(db.engine, KEY)
     out = tmp_path / "logged.parquet"
     with pytest.raises(ValueError, match="holds no recommendation"):
         store.export_logged(out)
@@ -284,9 +301,9 @@ def test_export_with_nothing_to_export_writes_nothing(db, clock, tmp_path):
 
 
 def test_audit_cli_summary_and_export(db, clock, tmp_path, capsys, monkeypatch):
-    _, url, engine = db
+    url, key_file = db.url, db.database.key_file
     monkeypatch.delenv("CAREPATH_PSEUDONYM_KEY", raising=False)
-    store = AuditStore(engine, pseudonym_key(url))
+    store = AuditStore(db.engine, pseudonym_key(url, key_file))
     expected = fill_store(store, clock)
     assert main(["audit", "summary", "--db", url]) == 0
     out = capsys.readouterr().out
@@ -304,7 +321,7 @@ def test_audit_cli_summary_and_export(db, clock, tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "wrote 12 patient-weeks of 3 patients" in out and "1 without feedback" in out
     ids = set(load_dataset(target).patient_ids())
-    alias = pseudonym(pseudonym_key(url), "MRN-100")
+    alias = pseudonym(pseudonym_key(url, key_file), "MRN-100")
     assert pseudonym(b"x" * 40, alias) in ids and len(ids) == len(expected)
 
     (target.parent / "beside.key").write_text("y" * 40)
@@ -317,7 +334,7 @@ def test_audit_cli_summary_and_export(db, clock, tmp_path, capsys, monkeypatch):
 
 def test_a_recorded_row_survives_sigkill(db):
     """The store commits before returning: a server killed right after keeps the row."""
-    _, url, engine = db
+    url = db.url
     features = patient_weeks(8, 1)[0][0]
     child = (
         "import os, signal, sys\n"
@@ -333,7 +350,7 @@ def test_a_recorded_row_survives_sigkill(db):
                           env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert done.returncode == -9, done.stderr
     audit_id = done.stdout.strip()
-    got = AuditStore(engine, KEY).get(audit_id)
+    got = AuditStore(db.engine, KEY).get(audit_id)
     assert got is not None and got.features == features
 
 
@@ -352,11 +369,10 @@ def test_serve_refuses_to_start_with_a_key_that_does_not_match_the_store(prepare
     assert key_fingerprint(b"k" * 32) in str(refused.value) and key_fingerprint(b"z" * 32) in str(refused.value)
 
 
-def test_an_unreachable_audit_store_answers_503_with_no_recommendation_and_recovers(served, monkeypatch):
+def test_an_unreachable_audit_store_answers_503_with_no_recommendation_and_recovers(served_on, monkeypatch):
     from sqlalchemy.exc import OperationalError
 
-    from tests.serving.conftest import PATIENT
-
+    served = served_on
     state = served.client.app.state.carepath  # type: ignore[attr-defined]
     before = state.audit.count_recommendations()
 
@@ -371,3 +387,161 @@ def test_an_unreachable_audit_store_answers_503_with_no_recommendation_and_recov
     # the store is back: answers (and audit rows) resume without a restart
     r = served.client.post("/v1/recommendations", json={"features": PATIENT}, headers=served.headers)
     assert r.status_code == 200 and state.audit.count_recommendations() == before + 1
+
+
+class Forwarder:
+    """A TCP forwarder from 127.0.0.1:``port`` to ``target``: the app's way to PostgreSQL.
+
+    :meth:`stop` closes the listener and every live connection (to the app, the server is gone:
+    its connections drop and new ones are refused); :meth:`start` listens again on the same port.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = 0  # chosen by the first start
+        self.accepted = 0  # connections accepted so far
+        self._listener: socket.socket | None = None
+        self._live: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        assert self._listener is None, "started already"
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the port again despite TIME_WAIT
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        self._spawn(self._accept, listener)
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        with self._lock:
+            live, self._live = self._live, set()
+        for sock in (listener, *live):
+            try:  # wakes the thread blocked on it, which then closes it
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for thread in self._threads:
+            thread.join(timeout=10)
+        assert not any(t.is_alive() for t in self._threads), "a forwarder thread did not stop"
+        self._threads = []
+
+    def _spawn(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        with listener:
+            while True:
+                try:
+                    client, _ = listener.accept()
+                except OSError:  # shut down by stop()
+                    return
+                try:
+                    upstream = socket.create_connection(self.target, timeout=10)
+                except OSError:
+                    client.close()
+                    continue
+                upstream.settimeout(None)
+                with self._lock:
+                    if self._listener is not listener:  # stopped meanwhile
+                        client.close()
+                        upstream.close()
+                        return
+                    self._live.update((client, upstream))
+                    self.accepted += 1
+                self._spawn(self._pump, client, upstream)
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        import selectors
+
+        with a, b, selectors.DefaultSelector() as selector:
+            selector.register(a, selectors.EVENT_READ, b)
+            selector.register(b, selectors.EVENT_READ, a)
+            while True:
+                for key, _ in selector.select():
+                    source, sink = key.fileobj, key.data
+                    try:
+                        data = source.recv(65536)  # type: ignore[union-attr]
+                        if not data:
+                            return
+                        sink.sendall(data)
+                    except OSError:
+                        return
+
+
+@pytest.fixture
+def via_forwarder(postgres_db: AuditDatabase) -> Iterator[tuple[Forwarder, str]]:
+    """A forwarder to the test database's server, and the database's URL through it."""
+    from sqlalchemy import make_url
+
+    url = make_url(postgres_db.url)
+    forwarder = Forwarder((url.host or "127.0.0.1", url.port or 5432))
+    forwarder.start()
+    try:
+        yield forwarder, url.set(host="127.0.0.1", port=forwarder.port).render_as_string(hide_password=False)
+    finally:
+        forwarder.stop()
+
+
+def test_a_real_postgresql_outage_answers_503_without_a_recommendation_and_recovers_by_itself(
+        prepared_bundle, postgres_db, via_forwarder, caplog):
+    """PostgreSQL really gone (every connection dropped, new ones refused), then back: no 500, no
+    traceback, no answer without its audit row, and no restart needed."""
+    from serving.auth import TokenStore
+
+    forwarder, url = via_forwarder
+    engine = make_engine(postgres_db.url)  # straight to the server, to count rows behind the app's back
+    direct = AuditStore(engine, postgres_db.key)
+    answered: list[str] = []
+    with serve(prepared_bundle, url, postgres_db.key_file) as served:
+        uncached = {"Authorization": f"Bearer {TokenStore(engine).create('second-clinic')}"}
+
+        def recommend(headers: dict[str, str]):
+            return served.client.post("/v1/recommendations", json={"patient_id": "MRN-77", "features": PATIENT},
+                                      headers=headers)
+
+        r = recommend(served.headers)
+        assert r.status_code == 200, r.text
+        answered.append(r.json()["audit_id"])
+        assert forwarder.accepted > 0  # the app reaches PostgreSQL through the forwarder, not around it
+
+        # a blip between requests: the pooled connections are dead when the next request comes
+        forwarder.stop()
+        forwarder.start()
+        r = recommend(served.headers)
+        assert r.status_code == 200, r.text
+        answered.append(r.json()["audit_id"])
+
+        forwarder.stop()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            # a token verified a moment ago (cached: the audit write fails) and one never seen (the
+            # token lookup fails): both 503, nothing of the recommendation in the answer
+            for headers in (served.headers, uncached, served.headers):
+                r = recommend(headers)
+                assert r.status_code == 503, r.text
+                assert r.headers["Retry-After"] == "5"
+                assert list(r.json()) == ["detail"] and "audit store is unavailable" in r.json()["detail"]
+        assert direct.count_recommendations() == 2
+        assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info], caplog.text
+        assert sum("audit store unavailable" in rec.getMessage() for rec in caplog.records) == 3
+
+        forwarder.start()  # PostgreSQL is back: the very next requests are answered
+        for headers in (served.headers, uncached, served.headers):
+            r = recommend(headers)
+            assert r.status_code == 200, r.text
+            answered.append(r.json()["audit_id"])
+    try:
+        assert direct.count_recommendations() == len(answered) == 5
+        for audit_id in answered:  # each answer has its row
+            got = direct.get(audit_id)
+            assert got is not None and got.patient_pseudonym == pseudonym(postgres_db.key, "MRN-77")
+    finally:
+        engine.dispose()

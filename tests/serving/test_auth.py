@@ -1,4 +1,8 @@
-"""Bearer tokens, the database engine and the pseudonymisation key."""
+"""Bearer tokens, the database engine and the pseudonymisation key.
+
+The token store's tests run on SQLite and on PostgreSQL (``[sqlite]``/``[postgresql]``; see
+tests/serving/conftest.py for the server the latter need).
+"""
 
 from __future__ import annotations
 
@@ -13,17 +17,11 @@ from serving.auth import DEFAULT_SCOPES, TokenStore, bearer_token
 from serving.db import make_engine, pseudonym_key
 
 
-def db_bytes(path) -> bytes:
-    """The database file and its write-ahead log (committed rows may sit in either)."""
-    wal = path.with_name(path.name + "-wal")
-    return path.read_bytes() + (wal.read_bytes() if wal.exists() else b"")
-
-
 @pytest.fixture
-def db(tmp_path):
-    path = tmp_path / "audit.sqlite"
-    engine = make_engine(f"sqlite:///{path}")
-    yield path, engine
+def db(audit_db):
+    """A fresh store on each backend: (the database, an engine on it)."""
+    engine = make_engine(audit_db.url)
+    yield audit_db, engine
     engine.dispose()
 
 
@@ -41,9 +39,9 @@ def test_token_round_trip_keeps_name_and_scopes(db):
 
 
 def test_database_holds_only_the_hash_of_a_token(db):
-    path, engine = db
+    database, engine = db
     token = TokenStore(engine).create("cds")
-    stored = db_bytes(path)
+    stored = database.stored_text()  # SQLite: the file and its write-ahead log; PostgreSQL: every row
     assert token.encode() not in stored
     assert token[3:].encode() not in stored  # not even without its prefix
     assert hashlib.sha256(token.encode()).hexdigest().encode() in stored  # the test looks in the right place
@@ -113,16 +111,23 @@ def test_bearer_header_parsing(header, expected):
     assert bearer_token(header) == expected
 
 
-def test_sqlite_runs_in_wal_mode_with_full_sync(db):
-    with db[1].connect() as conn:
-        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
-        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+def test_a_committed_row_is_on_disk(db):
+    """What the audit trail relies on: a commit returns once the row is durable."""
+    database, engine = db
+    with engine.connect() as conn:
+        if database.backend == "sqlite":
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+            assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        else:  # the server's settings as this connection sees them: a commit waits for the WAL flush
+            assert conn.execute(text("SHOW synchronous_commit")).scalar() != "off"  # on, local, remote_*
+            assert conn.execute(text("SHOW fsync")).scalar() == "on"
 
 
 def test_bad_database_urls_are_refused_without_the_password(tmp_path):
     for url in ("not a url", "nosuchdialect://user:hunter2@host/db", "postgresql+nosuchdriver://u:hunter2@h/db",
-                f"sqlite:///{tmp_path}/missing-folder/audit.sqlite"):
+                f"sqlite:///{tmp_path}/missing-folder/audit.sqlite",
+                "postgresql+psycopg://u:hunter2@127.0.0.1:1/db"):  # nothing listens on port 1
         with pytest.raises(ValueError) as err:
             make_engine(url)
         assert "hunter2" not in str(err.value)
@@ -152,8 +157,8 @@ def test_pseudonym_key_sources(tmp_path):
         pseudonym_key(url, short, environ={})
 
 
-def test_tokens_cli_create_list_revoke(tmp_path, capsys):
-    db_url = f"sqlite:///{tmp_path}/audit.sqlite"
+def test_tokens_cli_create_list_revoke(audit_db, tmp_path, capsys):
+    db_url = audit_db.url
     assert main(["tokens", "create", "ehr-gateway", "--scope", "recommend", "--scope", "admin", "--db", db_url]) == 0
     captured = capsys.readouterr()
     token = captured.out.strip()
