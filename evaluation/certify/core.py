@@ -211,6 +211,13 @@ class LoggedPart:
                                        self.episodes.obs[valid])
         return out
 
+    def is_current_care(self, probs: F64) -> bool:
+        """Whether ``probs`` are current care's on every logged step: then the improvement is exactly
+        0, and a doubly robust difference (whose control terms have mean 0 but not value 0) must not
+        turn that into noise a bound could certify."""
+        valid = self.episodes.valid
+        return bool(np.allclose(probs[valid], self.current[valid], rtol=0.0, atol=1e-9))
+
     def first_choice_probs(self, candidate_policy: CandidatePolicy) -> F64:
         return target_probabilities(first_choice_policy(candidate_policy), self.episodes)
 
@@ -318,7 +325,7 @@ def certify(
         rho = trajectory_weights(probs, test.episodes)
         remission = paired_bound(rho, test.remission, floor=0.0, ceiling=1.0, truncation=cap,
                                  method=config.method, confidence=level)
-        if chosen.estimator == "dr":
+        if chosen.estimator == "dr" and not test.is_current_care(probs):
             assert q_test is not None
             remission = dr_bound(dr_differences(probs, test.episodes, test.remission, q_test), test.remission, rho,
                                  level)
@@ -404,6 +411,8 @@ def candidate_differences(candidate: Candidate, part: LoggedPart, q_all: F64 | N
     the importance weights they rest on (capped as the estimator caps them)."""
     probs = part.probs(candidate)
     rho = trajectory_weights(probs, part.episodes)
+    if part.is_current_care(probs):
+        return np.zeros(len(rho)), np.ones(len(rho))
     if candidate.estimator == "dr":
         if q_all is None:
             raise ValueError("a doubly robust candidate needs the outcome model's predictions")

@@ -220,6 +220,17 @@ def test_certifies_what_beats_care_and_refuses_what_does_not(log_path: Path):
     assert good.candidate["ess"] >= 100
 
 
+def test_current_care_itself_never_certifies_not_even_by_doubly_robust_noise(log_path: Path):
+    # every candidate of current care is current care: the improvement is exactly 0 for every
+    # estimator (a doubly robust difference's control terms have mean 0 but would not be 0)
+    data = load_dataset(log_path)
+    current = make_baseline("random", 0.0)
+    cert = certify(current, data, current, CertifyConfig(seed=1)).certificate
+    assert not cert.certified
+    assert all(r["pass_probability"] == 0.0 for r in cert.selection)
+    assert abs(cert.lower_bound) < 1e-3 and abs(cert.improvement) < 1e-3
+
+
 def test_a_critical_vignette_failure_blocks_the_certificate(log_path: Path):
     data = load_dataset(log_path)
     cert = certify(make_baseline("stard", 0.0), data, make_baseline("random", 0.0), CertifyConfig(seed=0),
