@@ -67,11 +67,11 @@ class Truth:
 
     def __init__(self, patients: int, seed: int) -> None:
         self.patients, self.seed = patients, seed
-        self.cache: dict[tuple[str, str, float, float], float] = {}
+        self.cache: dict[tuple[str, str, float, float, int], float] = {}
         self.behaviour = rollout(make_baseline(*BEHAVIOUR), patients, seed=seed).remission.value
 
     def improvement(self, name: str, policy: Policy, candidate: Candidate) -> float:
-        key = (name, candidate.family, candidate.weight, candidate.threshold)
+        key = (name, candidate.family, candidate.weight, candidate.threshold, candidate.weeks)
         if key not in self.cache:
             served = CandidatePolicy(policy, make_baseline(*BEHAVIOUR), candidate)
             self.cache[key] = rollout(served, self.patients, seed=self.seed).remission.value - self.behaviour
