@@ -50,8 +50,9 @@ demo: venv
 	@echo "Serve it to clinicians (REST API, CDS Hooks, the page at http://127.0.0.1:8000/):"
 	@echo "  $(BIN)/carepath tokens create clinic      # prints a bearer token once: paste it into the page"
 	@echo "  $(BIN)/carepath serve --policy runs/maskable_ppo/seed0/policy   # refused unless certified"
-	@echo "  (runs/cql/seed0/policy is not certified: serve refuses it unless --allow-uncertified is given,"
-	@echo "   and then shows a banner saying no certificate vouches for it)"
+	@echo "  (serve refuses a bundle no certificate vouches for unless --allow-uncertified is given,"
+	@echo "   and then shows a banner saying so; carepath certify --show --policy runs/cql/seed0/policy"
+	@echo "   prints what the logged data vouch for in the CQL run)"
 	@echo
 	@echo "Decision support only: every figure above comes from simulated patients."
 
