@@ -81,7 +81,8 @@ benchmarks: venv
 	$(BIN)/python benchmarks/serve_soak.py --seconds 0 --kill-after 20 --out benchmarks/results/serve_crash.json
 	$(BIN)/python benchmarks/api_fuzz.py --requests 20000
 	$(BIN)/python benchmarks/calibration.py
-	$(BIN)/python benchmarks/certify.py --logs 100 --patients 3000 --default-size 50000
+	$(BIN)/python benchmarks/certify.py --logs 100 --patients 3000 --default-size 50000 \
+		$(foreach b,runs/cql/seed0/policy runs/maskable_ppo/seed0/policy,$(if $(wildcard $(b)/bundle.json),--bundle $(b)))
 
 tensorboard: venv
 	$(BIN)/tensorboard --logdir runs
