@@ -180,10 +180,13 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
     app.exception_handler(InterfaceError)(_store_unavailable)
 
     @app.get("/healthz", tags=["meta"])
-    async def healthz(state: StateDep) -> dict[str, Any]:
-        warming = [name for name, r in state.recommenders.items() if not getattr(r.explainer, "ready", True)]
-        return {"status": "ok", "version": __version__, "policies": list(state.recommenders),
-                "explainers": "warming" if warming else "ready"}
+    async def healthz(state: StateDep) -> JSONResponse:
+        states = {r.explainer_state for r in state.recommenders.values()}
+        explainers = "failed" if "failed" in states else "warming" if "warming" in states else "ready"
+        # a failed explainer means every explained request fails: not healthy
+        return JSONResponse({"status": "ok" if explainers != "failed" else "degraded", "version": __version__,
+                             "policies": list(state.recommenders), "explainers": explainers},
+                            status_code=200 if explainers != "failed" else 503)
 
     @app.get("/v1/policies", response_model=list[PolicySummary], tags=["recommendations"])
     async def policies(state: StateDep, _: Annotated[TokenInfo, Depends(require_scope("recommend"))]) -> Any:
@@ -198,6 +201,8 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
                   token: Annotated[TokenInfo, Depends(require_scope("recommend"))]) -> Any:
         recommender = state.recommender(body.policy)
         features = body.features.model_dump(exclude_none=True)  # type: ignore[attr-defined]
+        if body.explain:
+            await recommender.explainer_warmed()
         answer = recommender.recommend(features, top_k=body.top_k, explain=body.explain)
         audit_id = uuid.uuid4().hex
         response = RecommendationResponse(**answer.model_dump(), audit_id=audit_id)

@@ -165,6 +165,7 @@ def build_router() -> APIRouter:
         except PrefetchError as err:
             raise HTTPException(422, detail=str(err)) from None
         recommender = state.recommender(None)
+        await recommender.explainer_warmed()
         recommendation = recommender.recommend(features, top_k=TOP_K, explain=True)
         audit_uuid = uuid.uuid4()
         answer = {"cards": [build_card(recommendation, notes, card_uuid=audit_uuid,

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from serving.app import ServeSettings, create_app
     from serving.workers import (
+        FAILURE_ENV,
         PARENT_ENV,
         SETTINGS_ENV,
         check_workers,
@@ -177,5 +179,11 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ[PARENT_ENV] = str(os.getpid())
     print(f"carepath: settings checked in {time.perf_counter() - started:.1f} s; starting {workers} workers on "
           f"http://{args.host}:{args.port}/ (decision support only)", file=sys.stderr, flush=True)
-    uvicorn.run("serving.workers:app_from_env", factory=True, workers=workers, **options)
+    with tempfile.TemporaryDirectory(prefix="carepath-serve-") as tmp:
+        failure = Path(tmp) / "worker-failure.txt"
+        os.environ[FAILURE_ENV] = str(failure)
+        uvicorn.run("serving.workers:app_from_env", factory=True, workers=workers, **options)
+        if failure.exists():
+            print(f"carepath serve: a worker failed to start: {failure.read_text()}", file=sys.stderr)
+            return 1
     return 0

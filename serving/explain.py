@@ -36,6 +36,11 @@ ScoreFn = Callable[[NDArray[np.float64]], NDArray[np.float64]]
 #: argument, whose numba type differs in every process, so it compiles at each start (~6 s).
 _CACHEABLE_SHAP_KERNELS = (("shap.maskers._tabular", ("_delta_masking", "_single_delta_mask")),)
 
+#: shap draws permutations from numpy's global generator, and its constructors reseed it: one lock
+#: for every explainer in the process, so that a policy warming up in the background cannot reseed
+#: it while another policy explains a request (the same request must get the same rationale).
+_SHAP_LOCK = threading.Lock()
+
 
 def _cache_shap_kernels() -> None:
     """Turn on numba's on-disk cache for :data:`_CACHEABLE_SHAP_KERNELS`: a few seconds off every
@@ -94,7 +99,6 @@ class Explainer:
         self.score_fn = score_fn
         self.background = background
         self.seed = seed
-        self._lock = threading.Lock()
         # one permutation costs 2 * F + 1 evaluations of the model on the background: shap walks it
         # forward and back (an antithetic pair), which halves the estimate's variance; one pair is
         # the default because the model evaluations dominate a request's cost
@@ -102,9 +106,10 @@ class Explainer:
         import shap  # seconds of imports (numba, scikit-learn): only where an explainer is built
 
         _cache_shap_kernels()
-        masker = shap.maskers.Independent(background, max_samples=len(background))
-        self._explainer = shap.PermutationExplainer(score_fn, masker, feature_names=list(FEATURE_NAMES),
-                                                    seed=seed)
+        with _SHAP_LOCK:
+            masker = shap.maskers.Independent(background, max_samples=len(background))
+            self._explainer = shap.PermutationExplainer(score_fn, masker, feature_names=list(FEATURE_NAMES),
+                                                        seed=seed)
 
     def warm(self) -> None:
         """Run one explanation so shap's just-in-time compilation happens now, not on a request."""
@@ -115,7 +120,7 @@ class Explainer:
         x = np.asarray(obs, dtype=np.float64).reshape(1, N_FEATURES)
         # shap draws its permutations from numpy's global generator: reseed it per call, under a
         # lock (the server answers from a thread pool), so an explanation is reproducible for audit
-        with self._lock:
+        with _SHAP_LOCK:
             np.random.seed(self.seed)  # noqa: NPY002 - shap reads the legacy global generator
             result = self._explainer(x, max_evals=self.max_evals, silent=True)
         values = np.asarray(result.values, dtype=np.float64)[0]  # (F, A)
@@ -156,7 +161,12 @@ class BackgroundExplainer:
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set()
+        """Built and warmed (False while warming, and after a failure)."""
+        return self._ready.is_set() and self._error is None
+
+    @property
+    def failed(self) -> bool:
+        return self._ready.is_set() and self._error is not None
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)

@@ -11,6 +11,7 @@ time, after ranking, because it is the one promise serving must keep.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,6 +61,17 @@ class NotPrepared(ValueError):
     """The bundle lacks what serving needs (background, medians, benefit model)."""
 
 
+def check_prepared(policy: BundlePolicy) -> None:
+    """NotPrepared unless the bundle holds what serving needs, each part well formed."""
+    explain = policy.manifest.explain
+    missing = [key for key in ("background", "feature_medians", "benefit") if key not in explain]
+    if missing:
+        where = policy.path or policy.name
+        raise NotPrepared(f"policy bundle {where} is not prepared for serving (no {', '.join(missing)}): "
+                          f"run 'carepath prepare --policy {where} --data LOGGED.parquet'")
+    check_serving_section(explain, policy.path / MANIFEST if policy.path else policy.name)
+
+
 class Recommender:
     """Load a bundle once (checked), build and warm the explainer, then answer requests."""
 
@@ -68,13 +80,8 @@ class Recommender:
         """``warm``: True builds and warms the explainer now, False on its first use, "background"
         in a thread started now (:class:`serving.explain.BackgroundExplainer`)."""
         self.policy = bundle if isinstance(bundle, BundlePolicy) else load(bundle)
+        check_prepared(self.policy)
         explain = self.policy.manifest.explain
-        missing = [key for key in ("background", "feature_medians", "benefit") if key not in explain]
-        if missing:
-            where = self.policy.path or self.policy.name
-            raise NotPrepared(f"policy bundle {where} is not prepared for serving (no {', '.join(missing)}): "
-                              f"run 'carepath prepare --policy {where} --data LOGGED.parquet'")
-        check_serving_section(explain, self.policy.path / MANIFEST if self.policy.path else self.policy.name)
         self.medians: dict[str, float] = {k: float(v) for k, v in explain["feature_medians"].items()}
         self.benefit = BenefitModel.from_bundle(self.policy)
         self.score_kind = "q_value" if self.policy.has_q_values else "logit"
@@ -91,6 +98,19 @@ class Recommender:
             self.explainer.warm()
         if warm:
             self.recommend({}, top_k=1, explain=False)
+
+    @property
+    def explainer_state(self) -> str:
+        """"ready", "warming" (in its background thread) or "failed"."""
+        if isinstance(self.explainer, BackgroundExplainer):
+            return "failed" if self.explainer.failed else "ready" if self.explainer.ready else "warming"
+        return "ready"
+
+    async def explainer_warmed(self) -> None:
+        """Wait off the event loop for a background warm-up, so that the loop keeps answering
+        /healthz and unexplained requests meanwhile."""
+        if isinstance(self.explainer, BackgroundExplainer) and not self.explainer.wait(0):
+            await asyncio.to_thread(self.explainer.wait)
 
     def recommend(self, features: Mapping[str, Any], *, top_k: int = 3, explain: bool = True) -> Recommendation:
         """Ranked allowed next steps for one patient (features by name; missing allowed)."""

@@ -42,6 +42,9 @@ from serving.app import ServeSettings, create_app
 SETTINGS_ENV = "CAREPATH_SERVE_SETTINGS"
 #: The parent's process id, for a worker to tell whether its parent is still there.
 PARENT_ENV = "CAREPATH_SERVE_PARENT"
+#: A file a worker that fails to start writes its error to: uvicorn then stops the parent, which
+#: reads it, says it and exits non-zero (uvicorn itself returns normally with several workers).
+FAILURE_ENV = "CAREPATH_SERVE_FAILURE_FILE"
 #: More workers than this many per core only queue for the cores and multiply memory.
 MAX_WORKERS_PER_CORE = 4
 
@@ -89,9 +92,16 @@ def preflight(settings: ServeSettings) -> None:
     from policies import load
     from serving.audit import AuditStore
     from serving.db import make_engine, pseudonym_key
+    from serving.recommender import check_prepared
 
+    names: set[str] = set()
     for path in settings.policies:
-        certificate = load(path).certificate or {}
+        policy = load(path)
+        check_prepared(policy)
+        if policy.name in names:
+            raise ValueError(f"two policies are named {policy.name!r}; serve each name once")
+        names.add(policy.name)
+        certificate = policy.certificate or {}
         if not certificate.get("certified") and not settings.allow_uncertified:
             raise ValueError(f"policy {str(path)!r} is not certified: no certificate from logged data vouches for "
                              "it against current care. Run 'carepath certify --policy BUNDLE --data LOG --out "
@@ -127,8 +137,14 @@ def app_from_env() -> Any:
     if not text:
         raise RuntimeError(f"{SETTINGS_ENV} is not set: start workers with carepath serve --workers N")
     torch.set_num_threads(1)  # one core per worker: intra-op threads would fight the other workers
-    return create_app(settings_from_env(text))
+    try:
+        return create_app(settings_from_env(text))
+    except Exception as err:
+        failure = os.environ.get(FAILURE_ENV)
+        if failure:
+            Path(failure).write_text(f"{type(err).__name__}: {err}")
+        raise
 
 
-__all__ = ["PARENT_ENV", "SETTINGS_ENV", "app_from_env", "check_workers", "default_workers", "per_worker", "preflight",
-           "settings_from_env", "settings_to_env"]
+__all__ = ["FAILURE_ENV", "PARENT_ENV", "SETTINGS_ENV", "app_from_env", "check_workers", "default_workers",
+           "per_worker", "preflight", "settings_from_env", "settings_to_env"]

@@ -306,8 +306,8 @@ def certify(
         eligible = kish_ess(rho) >= config.min_ess and not fails_vignettes(candidate)
         scored.append((candidate, selection_score(d, level, len(test)), eligible))
     # the eligible candidate likeliest to pass; among equals the one closest to current care, then
-    # the simpler estimator (with none eligible, the one closest to current care: it will not pass)
-    chosen, best, _ = max(scored, key=lambda c: (
+    # the simpler estimator (with none eligible, the one closest to current care, reported, never certified)
+    chosen, best, chosen_eligible = max(scored, key=lambda c: (
         c[2], round(c[1].pass_probability, 9) if c[2] else 0.0, round(c[1].predicted_bound, 12) if c[2] else 0.0,
         -c[0].weight, c[0].threshold, -c[0].weeks, c[0].estimator == "is", -c[0].truncation))
     say(f"safety test of {chosen.describe()} on {parts['safety'].n_patients:,} patients")
@@ -340,6 +340,9 @@ def certify(
     vignettes = dict(critical_vignettes(candidate_policy)) if critical_vignettes is not None else None
     critical_failures = list(vignettes.get("critical_failures", [])) if vignettes else []
     reasons = []
+    if not chosen_eligible:
+        reasons.append(f"no candidate was eligible (every one left fewer than {config.min_ess:g} effective "
+                       "episodes or failed a critical vignette)")
     if remission.lower_bound <= MIN_CERTIFIED_BOUND:
         reasons.append(f"remission lower bound {100 * remission.lower_bound:+.2f} pp is not above 0")
     if critical_failures:

@@ -237,6 +237,7 @@ def test_a_critical_vignette_failure_blocks_the_certificate(log_path: Path):
                    critical_vignettes=lambda policy: {"critical_failures": ["item9-high"]}).certificate
     assert not cert.certified and any("item9-high" in r for r in cert.reasons)
     assert not any(r["eligible"] for r in cert.selection)  # every candidate failed: none was eligible
+    assert any("no candidate was eligible" in r for r in cert.reasons)
 
 
 def test_a_candidate_failing_a_critical_vignette_is_not_chosen(log_path: Path):

@@ -31,6 +31,44 @@ def test_worker_count_is_checked_and_the_rate_limit_shared_out(prepared_bundle: 
     assert again.rate_limit == 10.0 and again.cors_origins == () and again.policies == [str(prepared_bundle.resolve())]
 
 
+def test_preflight_refuses_what_would_stop_every_worker(prepared_bundle: Path, tmp_path: Path):
+    import torch
+
+    from envs.spec import N_ACTIONS, N_FEATURES
+    from policies.bundle import ActionSelection, BundleManifest, save_bundle
+    from policies.networks import NetworkSpec, PolicyNetwork
+    from serving.recommender import NotPrepared
+    from serving.workers import preflight
+
+    db_url = f"sqlite:///{tmp_path / 'a.sqlite'}"
+    with pytest.raises(ValueError, match="two policies are named"):
+        preflight(ServeSettings(policies=[prepared_bundle, prepared_bundle], db_url=db_url, allow_uncertified=True))
+    torch.manual_seed(0)
+    net = PolicyNetwork(NetworkSpec(N_FEATURES, N_ACTIONS, hidden=(8,), output="q_values"))  # type: ignore[arg-type]
+    raw = save_bundle(tmp_path / "raw", net, BundleManifest(algorithm="cql", name="raw", network=net.spec,
+                                                           selection=ActionSelection("greedy")))
+    with pytest.raises(NotPrepared, match="not prepared for serving"):
+        preflight(ServeSettings(policies=[raw], db_url=db_url, allow_uncertified=True))
+    with pytest.raises(ValueError, match="not certified"):
+        preflight(ServeSettings(policies=[prepared_bundle], db_url=db_url))
+    preflight(ServeSettings(policies=[prepared_bundle], db_url=db_url, allow_uncertified=True))
+
+
+def test_a_background_explainer_that_fails_says_so():
+    import numpy as np
+
+    from envs.spec import N_FEATURES
+    from serving.explain import BackgroundExplainer
+
+    def broken(rows: np.ndarray) -> np.ndarray:
+        raise FloatingPointError("the network is broken")
+
+    explainer = BackgroundExplainer(broken, np.zeros((4, N_FEATURES)))
+    assert explainer.wait(60) and explainer.failed and not explainer.ready
+    with pytest.raises(RuntimeError, match="could not be built: the network is broken"):
+        explainer.explain(np.zeros(N_FEATURES))
+
+
 def test_serve_refuses_a_bad_worker_count_before_loading_anything(prepared_bundle: Path, tmp_path: Path, capsys):
     from carepath.cli import main
 
