@@ -331,6 +331,9 @@ def certify_run(cfg: DictConfig, bundle_dir: Path, held_out: Any, writer: Any) -
     for key, number in (("certified", float(cert.certified)), ("lower_bound_pp", cert.lower_bound),
                         ("improvement_pp", cert.improvement), ("reward_lower_bound", cert.reward_lower_bound),
                         ("candidate_weight", float(cert.candidate["weight"])), ("ess", float(cert.candidate["ess"])),
+                        # which family: SPIBB's threshold, a prefix's weeks (0 when not that family)
+                        ("candidate_threshold", float(cert.candidate.get("threshold", 0.0))),
+                        ("candidate_weeks", float(cert.candidate.get("weeks", 0))),
                         ("first_choice_lower_bound_pp", float(cert.first_choice["lower_bound"])),
                         ("true_remission", truth["remission"]["value"])):
         writer.add_scalar(f"certify/{key}", number, 0)

@@ -58,6 +58,8 @@ class ServeSettings:
     #: "now": build and warm the SHAP explainers before the app exists; "background": in a thread, so
     #: the server answers at once and only an explained request in its first seconds waits
     warm_explainers: str = "now"
+    #: server processes sharing the rate limit (``carepath serve --workers``): each holds rate / workers
+    workers: int = 1
 
 
 @dataclass
@@ -107,8 +109,10 @@ def require_scope(scope: str) -> Callable[[Request], Awaitable[TokenInfo]]:
             raise HTTPException(403, detail=f"token {info.name!r} lacks the {scope!r} scope")
         wait = state.limiter.retry_after(info.name)
         if wait > 0:
+            shared = (f" (about {state.limiter.rate * state.settings.workers:g} across {state.settings.workers} "
+                      "server processes)" if state.settings.workers > 1 else "")
             raise HTTPException(429, detail=f"token {info.name!r} is over its rate limit of "
-                                            f"{state.limiter.rate:g} requests a second; retry in {wait:.1f} s",
+                                            f"{state.limiter.rate:g} requests a second{shared}; retry in {wait:.1f} s",
                                 headers={"Retry-After": str(math.ceil(wait))})
         return info
 

@@ -68,10 +68,12 @@ def check_workers(workers: int) -> int:
 
 def per_worker(settings: ServeSettings, workers: int) -> ServeSettings:
     """The settings one of ``workers`` processes runs with: its share of the rate limit."""
-    if workers == 1 or settings.rate_limit == 0:
+    if workers == 1:
         return settings
+    if settings.rate_limit == 0:
+        return replace(settings, workers=workers)
     return replace(settings, rate_limit=settings.rate_limit / workers,
-                   rate_burst=max(1, math.ceil(settings.rate_burst / workers)))
+                   rate_burst=max(1, math.ceil(settings.rate_burst / workers)), workers=workers)
 
 
 def settings_to_env(settings: ServeSettings) -> str:

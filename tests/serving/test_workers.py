@@ -23,12 +23,28 @@ def test_worker_count_is_checked_and_the_rate_limit_shared_out(prepared_bundle: 
     assert check_workers(default_workers()) == default_workers() >= 1
     settings = ServeSettings(policies=[prepared_bundle], rate_limit=20.0, rate_burst=5)
     two = per_worker(settings, 2)
-    assert two.rate_limit == 10.0 and two.rate_burst == 3  # ceil(5 / 2): never below 1
+    assert two.rate_limit == 10.0 and two.rate_burst == 3 and two.workers == 2  # ceil(5 / 2): never below 1
     assert per_worker(settings, 1) == settings
     off = ServeSettings(policies=[prepared_bundle], rate_limit=0.0)
-    assert per_worker(off, 4).rate_limit == 0.0
+    assert per_worker(off, 4).rate_limit == 0.0 and per_worker(off, 4).workers == 4
     again = settings_from_env(settings_to_env(two))
-    assert again.rate_limit == 10.0 and again.cors_origins == () and again.policies == [str(prepared_bundle.resolve())]
+    assert again.rate_limit == 10.0 and again.workers == 2 and again.cors_origins == ()
+    assert again.policies == [str(prepared_bundle.resolve())]
+    # a refused client is told the limit it is held to, and that it is shared among the processes
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.auth import TokenStore
+    from serving.db import make_engine
+
+    db_url = f"sqlite:///{prepared_bundle.parent / 'shared-limit.sqlite'}"
+    token = TokenStore(make_engine(db_url)).create("limited")
+    limited = per_worker(ServeSettings(policies=[prepared_bundle], db_url=db_url, allow_uncertified=True,
+                                       rate_limit=1.0, rate_burst=2), 2)
+    with TestClient(create_app(limited)) as client:
+        codes = [client.get("/v1/policies", headers={"Authorization": f"Bearer {token}"}) for _ in range(3)]
+    assert [r.status_code for r in codes] == [200, 429, 429]
+    assert "0.5 requests a second (about 1 across 2 server processes)" in codes[1].json()["detail"]
 
 
 def test_preflight_refuses_what_would_stop_every_worker(prepared_bundle: Path, tmp_path: Path):
