@@ -86,16 +86,22 @@ class Explanation:
                              describe_feature(FEATURE_NAMES[i], obs)) for i in order]
 
 
+def _checked_background(background: NDArray[np.floating], permutations: int) -> NDArray[np.float64]:
+    """The background as float64 (k, F); ValueError naming what is wrong with it or with ``permutations``."""
+    out = np.asarray(background, dtype=np.float64)
+    if out.ndim != 2 or out.shape[1] != N_FEATURES or len(out) == 0:
+        raise ValueError(f"SHAP background must have shape (k, {N_FEATURES}), got {out.shape}")
+    if permutations < 1:
+        raise ValueError(f"SHAP permutations must be at least 1, got {permutations}")
+    return out
+
+
 class Explainer:
     """Permutation SHAP of ``score_fn`` (rows -> (n, A) scores) against ``background``."""
 
     def __init__(self, score_fn: ScoreFn, background: NDArray[np.floating], *, permutations: int = 1,
                  seed: int = 0) -> None:
-        background = np.asarray(background, dtype=np.float64)
-        if background.ndim != 2 or background.shape[1] != N_FEATURES or len(background) == 0:
-            raise ValueError(f"SHAP background must have shape (k, {N_FEATURES}), got {background.shape}")
-        if permutations < 1:
-            raise ValueError(f"SHAP permutations must be at least 1, got {permutations}")
+        background = _checked_background(background, permutations)
         self.score_fn = score_fn
         self.background = background
         self.seed = seed
@@ -137,11 +143,8 @@ class BackgroundExplainer:
 
     def __init__(self, score_fn: ScoreFn, background: NDArray[np.floating], *, permutations: int = 1,
                  seed: int = 0) -> None:
-        self.background = np.asarray(background, dtype=np.float64)
-        if self.background.ndim != 2 or self.background.shape[1] != N_FEATURES or len(self.background) == 0:
-            raise ValueError(f"SHAP background must have shape (k, {N_FEATURES}), got {self.background.shape}")
-        if permutations < 1:
-            raise ValueError(f"SHAP permutations must be at least 1, got {permutations}")
+        # checked here, in the caller's thread, so a bad bundle fails the start and not only the warm-up
+        self.background = _checked_background(background, permutations)
         self._args: tuple[Any, ...] = (score_fn, self.background, permutations, seed)
         self._ready = threading.Event()
         self._explainer: Explainer | None = None
