@@ -140,6 +140,32 @@ class FeedbackResponse(BaseModel):
     feedback_id: int
 
 
+def check_servable(policies: Sequence[tuple[str, bool]], allow_uncertified: bool) -> None:
+    """ValueError when two policies (name, certified) share a name, or one is not certified and
+    serving uncertified policies was not asked for."""
+    names = [name for name, _ in policies]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"two policies are named {twice[0]!r}; serve each name once")
+    uncertified = [name for name, certified in policies if not certified]
+    if uncertified and not allow_uncertified:
+        raise ValueError(f"policy {', '.join(map(repr, uncertified))} is not certified: no certificate from logged "
+                         "data vouches for it against current care. Run 'carepath certify --policy BUNDLE --data LOG "
+                         "--out CERTIFIED', or pass --allow-uncertified to serve it with a banner saying so")
+
+
+def open_audit_store(settings: ServeSettings) -> AuditStore:
+    """The audit store at ``settings.db_url``, its pseudonym key checked: a key that does not match
+    the store refuses the start, naming both fingerprints, rather than answering 422 to every request."""
+    audit = AuditStore(make_engine(settings.db_url), pseudonym_key(settings.db_url, settings.key_file))
+    try:
+        audit.check_key()
+    except BaseException:
+        audit.engine.dispose()
+        raise
+    return audit
+
+
 def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] | None = None) -> FastAPI:
     """Build the app; loads and warms every policy unless ``recommenders`` are given."""
     if not settings.policies and not recommenders:
@@ -147,23 +173,16 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
     if settings.warm_explainers not in ("now", "background"):
         raise ValueError(f"warm_explainers must be 'now' or 'background', got {settings.warm_explainers!r}")
     if recommenders is None:
-        recommenders = {}
-        for path in settings.policies:
-            rec = Recommender(path, permutations=settings.permutations,
-                              warm=True if settings.warm_explainers == "now" else "background")
-            if rec.policy.name in recommenders:
-                raise ValueError(f"two policies are named {rec.policy.name!r}; serve each name once")
-            recommenders[rec.policy.name] = rec
-    uncertified = [name for name, rec in recommenders.items() if not rec.info.certification.certified]
-    if uncertified and not settings.allow_uncertified:
-        raise ValueError(f"policy {', '.join(map(repr, uncertified))} is not certified: no certificate from logged "
-                         "data vouches for it against current care. Run 'carepath certify --policy BUNDLE --data LOG "
-                         "--out CERTIFIED', or pass --allow-uncertified to serve it with a banner saying so")
-    engine = make_engine(settings.db_url)
-    audit = AuditStore(engine, pseudonym_key(settings.db_url, settings.key_file))
-    # a key that does not match the store refuses the start, naming both fingerprints, rather than
-    # answering 422 to every request
-    audit.check_key()
+        built = [Recommender(path, permutations=settings.permutations,
+                             warm=True if settings.warm_explainers == "now" else "background")
+                 for path in settings.policies]
+        check_servable([(r.policy.name, r.info.certification.certified) for r in built], settings.allow_uncertified)
+        recommenders = {r.policy.name: r for r in built}
+    else:
+        check_servable([(name, r.info.certification.certified) for name, r in recommenders.items()],
+                       settings.allow_uncertified)
+    audit = open_audit_store(settings)
+    engine = audit.engine
     state = ServingState(recommenders=recommenders, default_policy=next(iter(recommenders)),
                          tokens=TokenStore(engine, cache_seconds=settings.token_cache_seconds),
                          audit=audit, settings=settings,

@@ -92,27 +92,15 @@ def settings_from_env(text: str) -> ServeSettings:
 def preflight(settings: ServeSettings) -> None:
     """What would make every worker fail at start, checked once in the parent (ValueError, one line)."""
     from policies import load
-    from serving.audit import AuditStore
-    from serving.db import make_engine, pseudonym_key
-    from serving.recommender import check_prepared
+    from serving.app import check_servable, open_audit_store
+    from serving.recommender import certification_info, check_prepared
 
-    names: set[str] = set()
-    for path in settings.policies:
-        policy = load(path)
+    policies = [load(path) for path in settings.policies]
+    for policy in policies:
         check_prepared(policy)
-        if policy.name in names:
-            raise ValueError(f"two policies are named {policy.name!r}; serve each name once")
-        names.add(policy.name)
-        certificate = policy.certificate or {}
-        if not certificate.get("certified") and not settings.allow_uncertified:
-            raise ValueError(f"policy {str(path)!r} is not certified: no certificate from logged data vouches for "
-                             "it against current care. Run 'carepath certify --policy BUNDLE --data LOG --out "
-                             "CERTIFIED', or pass --allow-uncertified to serve it with a banner saying so")
-    engine = make_engine(settings.db_url)
-    try:
-        AuditStore(engine, pseudonym_key(settings.db_url, settings.key_file)).check_key()
-    finally:
-        engine.dispose()
+    check_servable([(p.name, certification_info(p.manifest.certificate).certified) for p in policies],
+                   settings.allow_uncertified)
+    open_audit_store(settings).engine.dispose()
 
 
 def die_with_parent() -> None:
