@@ -40,10 +40,10 @@ from scipy import stats
 from tqdm import tqdm
 
 from evaluation.certify import Certificate, CertifyConfig, certify
-from evaluation.certify.bounds import paired_bound, selection_score
+from evaluation.certify.bounds import selection_score
 from evaluation.certify.cli import NetworkPolicy
-from evaluation.certify.core import LoggedPart, candidate_differences, dr_bound, trajectory_weights
-from evaluation.certify.doubly_robust import OutcomeModel, dr_differences
+from evaluation.certify.core import LoggedPart, candidate_differences, remission_bound, trajectory_weights
+from evaluation.certify.doubly_robust import OutcomeModel
 from evaluation.ground_truth import rollout
 from offline_data.dataset import LoggedDataset, load_dataset, split_by_patient
 from offline_data.generate import generate
@@ -100,12 +100,8 @@ def trade_off(name: str, policy: Policy, data: LoggedDataset, config: CertifyCon
         d_choose, _ = candidate_differences(c, choose, q_choose)
         predicted = selection_score(d_choose, level, len(test)).predicted_bound
         p_test = test.probs(c)
-        if c.estimator == "dr":
-            d_test = dr_differences(p_test, test.episodes, test.remission, q_test)
-            safety = dr_bound(d_test, test.remission, trajectory_weights(p_test, test.episodes), level)
-        else:
-            safety = paired_bound(trajectory_weights(p_test, test.episodes), test.remission, floor=0.0,
-                                  ceiling=1.0, truncation=c.truncation, method=config.method, confidence=level)
+        safety = remission_bound(test, p_test, trajectory_weights(p_test, test.episodes), c, q_test, config.method,
+                                 level)
         rows.append({"target": name, **c.as_dict(), "description": f"{c.describe()} [{c.estimator}]",
                      "predicted_lower_bound_pp": 100 * predicted,
                      "safety_lower_bound_pp": 100 * safety.lower_bound,

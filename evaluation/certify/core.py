@@ -316,19 +316,11 @@ def certify(
     floor = float(choose.returns.min())
     ceiling = float(choose.returns.max())
 
-    # the doubly robust estimator needs exact weights, so its candidate's other bounds (reward, first
-    # choice) use uncapped importance weights too: a cap far below the weights a change at intake
-    # brings (about 50) would bias them far down
-    cap = chosen.truncation if chosen.estimator == "is" else math.inf
+    cap = weight_cap(chosen)
 
     def bounds(probs: F64) -> tuple[PairedBound, PairedBound]:
         rho = trajectory_weights(probs, test.episodes)
-        remission = paired_bound(rho, test.remission, floor=0.0, ceiling=1.0, truncation=cap,
-                                 method=config.method, confidence=level)
-        if chosen.estimator == "dr" and not test.is_current_care(probs):
-            assert q_test is not None
-            remission = dr_bound(dr_differences(probs, test.episodes, test.remission, q_test), test.remission, rho,
-                                 level)
+        remission = remission_bound(test, probs, rho, chosen, q_test, config.method, level)
         reward = paired_bound(rho, test.returns, floor=floor, ceiling=ceiling, truncation=cap,
                               method=config.method, confidence=level)
         return remission, reward
@@ -423,6 +415,26 @@ def candidate_differences(candidate: Candidate, part: LoggedPart, q_all: F64 | N
     return paired_differences(rho, part.remission, 0.0, candidate.truncation), np.minimum(rho, candidate.truncation)
 
 
+def weight_cap(candidate: Candidate) -> float:
+    """The importance-weight cap of the candidate's bounds. The doubly robust estimator needs exact
+    weights, so its candidate's other bounds (reward, first choice) use uncapped weights too: a cap
+    far below the weights a change at intake brings (about 50) would bias them far down."""
+    return candidate.truncation if candidate.estimator == "is" else math.inf
+
+
+def remission_bound(part: LoggedPart, probs: F64, rho: F64, candidate: Candidate, q_all: F64 | None, method: str,
+                    confidence: float) -> PairedBound:
+    """The safety test's remission bound for ``probs`` (the candidate's or its first choice's, with
+    trajectory weights ``rho``) under the candidate's estimator. Probabilities that are current care's
+    on every step get the importance-sampling difference, exactly 0, never the doubly robust one."""
+    if candidate.estimator == "dr" and not part.is_current_care(probs):
+        if q_all is None:
+            raise ValueError("a doubly robust candidate needs the outcome model's predictions")
+        return dr_bound(dr_differences(probs, part.episodes, part.remission, q_all), part.remission, rho, confidence)
+    return paired_bound(rho, part.remission, floor=0.0, ceiling=1.0, truncation=weight_cap(candidate), method=method,
+                        confidence=confidence)
+
+
 def kish_ess(rho: F64) -> float:
     """Kish's effective sample size of importance weights: ``(sum w)^2 / sum w^2``."""
     return float(rho.sum() ** 2 / max(float((rho * rho).sum()), 1e-300))
@@ -515,6 +527,7 @@ __all__ = [
     "dataset_sha256",
     "episode_returns",
     "kish_ess",
+    "remission_bound",
     "remission_outcome",
     "store_certificate",
     "trajectory_weights",
