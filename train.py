@@ -237,14 +237,20 @@ def logged_data(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any]]:
     return dataset, provenance
 
 
+def split_log(cfg: DictConfig, run_dir: Path) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The logged dataset, its provenance and its parts by patient (``data.split``, ``data.split_seed``)."""
+    from offline_data.dataset import split_by_patient
+
+    dataset, provenance = logged_data(cfg, run_dir)
+    return dataset, provenance, split_by_patient(dataset, dict(_plain(cfg.data.split)), seed=int(cfg.data.split_seed))
+
+
 def train_offline(cfg: DictConfig, agent: Any, run_dir: Path, writer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train on the train split; returns the data's provenance and the parts: ``validation`` (for OPE),
     ``held_out`` (every patient the policy did not train on: certification) and ``train``."""
     from agents.common.replay import replay_from_transitions
-    from offline_data.dataset import split_by_patient
 
-    dataset, provenance = logged_data(cfg, run_dir)
-    parts = split_by_patient(dataset, dict(_plain(cfg.data.split)), seed=int(cfg.data.split_seed))
+    dataset, provenance, parts = split_log(cfg, run_dir)
     replay = replay_from_transitions(parts["train"].transitions(), device=agent.device, seed=int(cfg.seed))
     provenance["split"] = {name: part.n_patients for name, part in parts.items()}
     checkpoint = run_dir / "checkpoint.pt"
@@ -275,10 +281,7 @@ def logged_check_parts(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], 
     (in real use logged care is all a clinic has). No logged patient trained it, so every one is
     held out for certification; the validation split serves the off-policy check and the
     serving preparation, as for an offline run."""
-    from offline_data.dataset import split_by_patient
-
-    dataset, provenance = logged_data(cfg, run_dir)
-    parts = split_by_patient(dataset, dict(_plain(cfg.data.split)), seed=int(cfg.data.split_seed))
+    dataset, provenance, parts = split_log(cfg, run_dir)
     return provenance, {"validation": parts["validation"], "held_out": dataset}
 
 
