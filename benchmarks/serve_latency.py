@@ -1,7 +1,9 @@
 """Serving latency, throughput, start-up time and memory against ``carepath serve`` on loopback.
 
-For each ``--workers`` count in turn (default ``1,2``: one process, then one per
-core on a 2-core machine, side by side in one run), starts ``carepath serve``
+For each ``--explainers`` choice (default ``deep,permutation``: DeepLIFT through
+the network, then shap's permutation explainer) and each ``--workers`` count in
+turn (default ``1,2``: one process, then one per core on a 2-core machine, side
+by side in one run), starts ``carepath serve``
 in its own process group over a prepared policy bundle and a fresh SQLite audit
 store, then, with ``--clients`` concurrent
 keep-alive clients (threads) and ``--requests`` requests per phase:
@@ -13,7 +15,7 @@ keep-alive clients (threads) and ``--requests`` requests per phase:
   request that does not queue behind seven others;
 
 plus the start-up time from process start to the first healthy answer, which
-includes loading and warming the explainer (target <= 15 s), the server's
+includes loading and warming the explainer (target <= 10 s), the server's
 resident memory after the load per worker process (VmRSS, and its peak VmHWM;
 target <= 700 MiB per worker),
 and whether the audit store holds exactly one row per answered request.
@@ -244,6 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=50, help="unmeasured requests before each phase")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", default="1,2", help="worker counts to measure in turn (default 1,2)")
+    parser.add_argument("--explainers", default="deep,permutation",
+                        help="SHAP explainers to measure in turn at each worker count (default deep,permutation)")
     parser.add_argument("--out", type=Path, default=RESULTS / "serve_latency.json")
     args = parser.parse_args(argv)
     if not (Path(args.policy) / "bundle.json").is_file():
@@ -251,27 +255,38 @@ def main(argv: list[str] | None = None) -> None:
 
 
     counts = [int(w) for w in args.workers.split(",")]
-    runs = [measure(args, workers) for workers in counts]
+    explainers = [e.strip() for e in args.explainers.split(",") if e.strip()]
+    runs = [measure(args, workers, explainer) for explainer in explainers for workers in counts]
     figures = {"benchmark": "serve_latency", "machine": platform.platform(), "cpus": os.cpu_count(),
                "policy": args.policy, "clients": args.clients, "startup_target_s": STARTUP_TARGET_S,
                "p95_target_ms": P95_TARGET_MS, "throughput_target": THROUGHPUT_TARGET,
                "memory_target_mib_per_worker": MEMORY_TARGET_MIB, "runs": runs}
-    print(f"{'workers':>7} {'start s':>7} {'phase':<16} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
-          f"{'errors':>6} {'MiB/worker':>10} {'audit':>6}")
+    print(f"{'explainer':<11} {'workers':>7} {'start s':>7} {'phase':<16} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} "
+          f"{'p99 ms':>7} {'errors':>6} {'MiB/worker':>10} {'audit':>6}")
     for run in runs:
         for name, p in run["phases"].items():
-            print(f"{run['workers']:>7} {run['startup_s']:>7.1f} {name:<16} {p['requests_per_s']:>7.1f} "
-                  f"{p['p50_ms']:>7.1f} {p['p95_ms']:>7.1f} {p['p99_ms']:>7.1f} {p['errors']:>6} "
+            print(f"{run['explainer']:<11} {run['workers']:>7} {run['startup_s']:>7.1f} {name:<16} "
+                  f"{p['requests_per_s']:>7.1f} {p['p50_ms']:>7.1f} {p['p95_ms']:>7.1f} {p['p99_ms']:>7.1f} "
+                  f"{p['errors']:>6} "
                   f"{max(run['rss_mib_after_load']):>10.0f} {'ok' if run['audit_rows_match'] else 'MISMATCH':>6}")
-    if len(runs) > 1:
-        base = runs[0]["phases"]
-        for run in runs[1:]:
+    for explainer in explainers:
+        same = [run for run in runs if run["explainer"] == explainer]
+        base = same[0]["phases"]
+        for run in same[1:]:
             ratios = {name: round(p["requests_per_s"] / base[name]["requests_per_s"], 2)
                       for name, p in run["phases"].items()}
             run["throughput_ratio_vs_first"] = ratios
-            print(f"{run['workers']} workers vs {runs[0]['workers']}: throughput x{ratios['plain']:.2f} without SHAP, "
-                  f"x{ratios['explain']:.2f} with it; p95 with SHAP {run['phases']['explain']['p95_ms']:.0f} vs "
-                  f"{base['explain']['p95_ms']:.0f} ms")
+            print(f"{explainer}: {run['workers']} workers vs {same[0]['workers']}: throughput x{ratios['plain']:.2f} "
+                  f"without SHAP, x{ratios['explain']:.2f} with it; p95 with SHAP "
+                  f"{run['phases']['explain']['p95_ms']:.0f} vs {base['explain']['p95_ms']:.0f} ms")
+    for workers in counts:
+        pair = {run["explainer"]: run["phases"]["explain"] for run in runs if run["workers"] == workers}
+        if len(explainers) > 1 and all(e in pair for e in explainers[:2]):
+            a, b = explainers[:2]
+            print(f"{workers} worker(s), with SHAP: {a} {pair[a]['requests_per_s']:.0f} req/s p95 "
+                  f"{pair[a]['p95_ms']:.0f} ms vs {b} {pair[b]['requests_per_s']:.0f} req/s p95 "
+                  f"{pair[b]['p95_ms']:.0f} ms "
+                  f"(x{pair[a]['requests_per_s'] / pair[b]['requests_per_s']:.2f})")
     print(f"targets: p95 with SHAP <= {P95_TARGET_MS:.0f} ms; without SHAP >= {THROUGHPUT_TARGET:.0f} req/s; "
           f"start-up <= {STARTUP_TARGET_S:.0f} s; <= {MEMORY_TARGET_MIB:.0f} MiB per worker")
     from evaluation.cli import write_json_atomic
@@ -280,8 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.out}")
 
 
-def measure(args: argparse.Namespace, workers: int) -> dict[str, Any]:
-    """One server with ``workers`` processes, its three load phases, memory and audit rows."""
+def measure(args: argparse.Namespace, workers: int, explainer: str) -> dict[str, Any]:
+    """One server with ``workers`` processes and ``explainer``, its three load phases, memory and audit rows."""
     from serving.audit import audit_summary
     from serving.auth import TokenStore
     from serving.db import make_engine
@@ -290,7 +305,8 @@ def measure(args: argparse.Namespace, workers: int) -> dict[str, Any]:
         db_url = f"sqlite:///{Path(tmp) / 'audit.sqlite'}"
         token = TokenStore(make_engine(db_url)).create("bench")
         # the log is a file, not a pipe: nobody reads it during the load, and a full pipe would stall the server
-        with ServeProcess(args.policy, db_url, log=Path(tmp) / "server.log", workers=workers) as server:
+        with ServeProcess(args.policy, db_url, log=Path(tmp) / "server.log", workers=workers,
+                          extra_args=(*NO_RATE_LIMIT, "--explainer", explainer)) as server:
             try:
                 startup_s = server.start()
             except RuntimeError as err:
@@ -306,7 +322,7 @@ def measure(args: argparse.Namespace, workers: int) -> dict[str, Any]:
             memory = [rss_mib(pid) for pid in worker_pids(server.pid)]
         audited = audit_summary(make_engine(db_url)).recommendations
     answered = sum(p["answered"] for p in phases.values()) + len(phases) * args.warmup
-    return {"workers": workers, "startup_s": round(startup_s, 2), "phases": phases,
+    return {"explainer": explainer, "workers": workers, "startup_s": round(startup_s, 2), "phases": phases,
             "rss_mib_after_load": [round(m[0], 1) for m in memory], "rss_mib_peak": [round(m[1], 1) for m in memory],
             "answered": answered, "audit_rows": audited, "audit_rows_match": answered == audited}
 

@@ -32,7 +32,7 @@ from envs.spec import ACTION_NAMES, FEATURE_NAMES
 from serving.audit import AuditStore, UnknownAuditId
 from serving.auth import TokenInfo, TokenStore, bearer_token
 from serving.db import DEFAULT_DB_URL, make_engine, pseudonym_key
-from serving.recommender import Recommender
+from serving.recommender import EXPLAINERS, Recommender
 from serving.schemas import UNPROCESSABLE, PolicySummary, RecommendationRequest, RecommendationResponse
 from serving.security import RateLimiter, SecurityHeaders
 
@@ -48,7 +48,9 @@ class ServeSettings:
     db_url: str = DEFAULT_DB_URL
     key_file: str | None = None
     max_body_bytes: int = 64 * 1024
-    permutations: int = 1  # SHAP: one antithetic permutation pair (exact additivity; see serving.explain)
+    #: the rationale: "deep" (DeepLIFT through the network) or "permutation" (shap, model-agnostic)
+    explainer: str = "deep"
+    permutations: int = 1  # permutation explainer: one antithetic pair (exact additivity; see serving.explain)
     token_cache_seconds: float = 5.0  # a revoked token stops working within this time
     rate_limit: float = 20.0  # requests a second per token on average (0: no limit)
     rate_burst: int = 60
@@ -172,8 +174,10 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
         raise ValueError("serve needs at least one policy bundle (--policy PATH)")
     if settings.warm_explainers not in ("now", "background"):
         raise ValueError(f"warm_explainers must be 'now' or 'background', got {settings.warm_explainers!r}")
+    if settings.explainer not in EXPLAINERS:
+        raise ValueError(f"explainer must be one of {sorted(EXPLAINERS)}, got {settings.explainer!r}")
     if recommenders is None:
-        built = [Recommender(path, permutations=settings.permutations,
+        built = [Recommender(path, permutations=settings.permutations, explainer=settings.explainer,  # type: ignore[arg-type]
                              warm=True if settings.warm_explainers == "now" else "background")
                  for path in settings.policies]
         check_servable([(r.policy.name, r.info.certification.certified) for r in built], settings.allow_uncertified)

@@ -138,6 +138,9 @@ def configure_serve(parser: argparse.ArgumentParser) -> None:
                         help="serve a policy without a certificate (carepath certify); every answer then says so")
     parser.add_argument("--workers", type=int, default=None,
                         help="server processes (default: one per core); the rate limit is shared out among them")
+    parser.add_argument("--explainer", choices=("deep", "permutation"), default="deep",
+                        help="the SHAP rationale: 'deep' (DeepLIFT through the policy network, exact additivity, "
+                             "well under 1 ms; default) or 'permutation' (shap's model-agnostic explainer)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -160,7 +163,8 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(policies=args.policy, db_url=args.db, key_file=args.key_file,
                              max_body_bytes=args.max_body_bytes, rate_limit=args.rate_limit,
                              rate_burst=args.rate_burst, cors_origins=tuple(args.cors_origin),
-                             allow_uncertified=args.allow_uncertified, warm_explainers="background")
+                             allow_uncertified=args.allow_uncertified, warm_explainers="background",
+                             explainer=args.explainer)
     started = time.perf_counter()
     # no "server: uvicorn" header: it tells an attacker which parser to aim at
     options: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": "info", "access_log": True,
@@ -169,8 +173,9 @@ def run_serve(args: argparse.Namespace) -> int:
         # small MLPs on one row gain nothing from intra-op threads, and they fight the server's own threads
         torch.set_num_threads(1)
         app = create_app(settings)
-        print(f"carepath: {len(args.policy)} policy(ies) loaded in {time.perf_counter() - started:.1f} s (SHAP "
-              f"explainers warming in the background); serving http://{args.host}:{args.port}/ "
+        warming = " warming in the background" if args.explainer == "permutation" else ""
+        print(f"carepath: {len(args.policy)} policy(ies) loaded in {time.perf_counter() - started:.1f} s "
+              f"({args.explainer} SHAP explainers{warming}); serving http://{args.host}:{args.port}/ "
               f"(decision support only)", file=sys.stderr, flush=True)
         uvicorn.run(app, workers=1, **options)
         return 0

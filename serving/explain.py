@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from envs.spec import FEATURE_NAMES, N_FEATURES
+from policies.networks import PolicyNetwork
 from serving.patient import describe_feature
 
 ScoreFn = Callable[[NDArray[np.float64]], NDArray[np.float64]]
@@ -86,11 +87,12 @@ class Explanation:
                              describe_feature(FEATURE_NAMES[i], obs)) for i in order]
 
 
-def _checked_background(background: NDArray[np.floating], permutations: int) -> NDArray[np.float64]:
+def _checked_background(background: NDArray[np.floating], permutations: int,
+                        n_features: int = N_FEATURES) -> NDArray[np.float64]:
     """The background as float64 (k, F); ValueError naming what is wrong with it or with ``permutations``."""
     out = np.asarray(background, dtype=np.float64)
-    if out.ndim != 2 or out.shape[1] != N_FEATURES or len(out) == 0:
-        raise ValueError(f"SHAP background must have shape (k, {N_FEATURES}), got {out.shape}")
+    if out.ndim != 2 or out.shape[1] != n_features or len(out) == 0:
+        raise ValueError(f"SHAP background must have shape (k, {n_features}), got {out.shape}")
     if permutations < 1:
         raise ValueError(f"SHAP permutations must be at least 1, got {permutations}")
     return out
@@ -133,6 +135,112 @@ class Explainer:
         base = np.asarray(result.base_values, dtype=np.float64)[0]  # (A,)
         scores = np.asarray(self.score_fn(x), dtype=np.float64)[0]
         return Explanation(values=values, base_values=base, scores=scores)
+
+
+class NetworkExplainer:
+    """DeepLIFT's rescale rule through the policy's own network, against ``background``.
+
+    This is what shap's :class:`~shap.DeepExplainer` computes for a chain of linear layers and
+    elementwise activations (a test holds the two to 1e-8), vectorised over the background in
+    numpy: shap's version runs one backward pass per action through hooks, ~80 ms a request on
+    these machines against well under 1 ms here. For each background row ``b`` the multipliers
+    telescope, so the values add up to ``f(x) - f(b)`` exactly ("summation to delta", Shrikumar
+    2017); averaged over the background, to ``score - base value`` (float64 round-off only). For a
+    linear network they are the exact Shapley values. Pure functions of the weights: no lock, no
+    random generator, the same request always gets the same values, and no warm-up.
+    """
+
+    def __init__(self, network: PolicyNetwork, background: NDArray[np.floating]) -> None:
+        spec = network.spec
+        self.background = _checked_background(background, 1, spec.n_in)
+        state = {k: v.detach().double().numpy() for k, v in network.state_dict().items()}
+        self._mean, self._std = state["obs_mean"], state["obs_std"]
+        clip = spec.extra.get("clip_obs")
+        self._clip = float(clip) if clip is not None else None
+        self._activation = spec.activation
+        # per head, its linear layers as (weight (out, in), bias) in order
+        linear = range(0, 2 * len(spec.hidden) + 1, 2)  # nn.Sequential: Linear, activation, Linear, ...
+        self._heads = [[(state[f"heads.{h}.{i}.weight"], state[f"heads.{h}.{i}.bias"]) for i in linear]
+                       for h in range(len(network.heads))]
+        # which outputs the policy's scores are (PolicyNetwork -> BundlePolicy.outputs)
+        self._average_heads = spec.output == "q_ensemble"
+        self._n_scores = spec.n_out // 2 if spec.output == "q_bcq" else spec.n_out
+        self._base_pass = [self._forward(head, self._inputs(self.background)) for head in self._heads]
+
+    def warm(self) -> None:
+        """Nothing to compile or build: kept so that every explainer has the same interface."""
+
+    def _inputs(self, obs: NDArray[np.float64]) -> list[NDArray[np.float64]]:
+        """Pre-activations of the input transforms: normalised observation (clipped next)."""
+        return [(obs - self._mean) / self._std]
+
+    def _act(self, z: NDArray[np.float64]) -> NDArray[np.float64]:
+        if self._activation == "relu":
+            return np.maximum(z, 0.0)
+        if self._activation == "tanh":
+            return np.tanh(z)
+        return np.where(z > 0, z, np.expm1(np.minimum(z, 0.0)))  # elu, alpha 1 (torch's default)
+
+    def _grad(self, z: NDArray[np.float64]) -> NDArray[np.float64]:
+        if self._activation == "relu":
+            return (z > 0).astype(np.float64)
+        if self._activation == "tanh":
+            return 1.0 - np.tanh(z) ** 2
+        return np.where(z > 0, 1.0, np.exp(np.minimum(z, 0.0)))
+
+    def _clipped(self, z: NDArray[np.float64]) -> NDArray[np.float64]:
+        return z if self._clip is None else np.clip(z, -self._clip, self._clip)
+
+    def _forward(self, head: list[tuple[NDArray[np.float64], NDArray[np.float64]]],
+                 pre: list[NDArray[np.float64]]) -> list[NDArray[np.float64]]:
+        """Every pre-activation of ``head`` (normalised input first), then the outputs."""
+        zs = list(pre)
+        a = self._clipped(zs[0])
+        for i, (w, b) in enumerate(head):
+            z = a @ w.T + b
+            zs.append(z)
+            if i < len(head) - 1:
+                a = self._act(z)
+        return zs
+
+    @staticmethod
+    def _rescale(dy: NDArray[np.float64], dz: NDArray[np.float64], grad: NDArray[np.float64]) -> NDArray[np.float64]:
+        """DeepLIFT multipliers dy/dz, the gradient where the difference is too small to divide
+        (shap's threshold, 1e-6)."""
+        small = np.abs(dz) <= 1e-6
+        return np.where(small, grad, dy / np.where(small, 1.0, dz))
+
+    def _head_values(self, zx: list[NDArray[np.float64]], zb: list[NDArray[np.float64]],
+                     head: list[tuple[NDArray[np.float64], NDArray[np.float64]]]) -> NDArray[np.float64]:
+        """(k, A, F): for each background row, each score's multipliers times the input difference."""
+        k = len(zb[0])
+        g = np.broadcast_to(head[-1][0][: self._n_scores], (k, self._n_scores, head[-1][0].shape[1]))
+        for layer in range(len(head) - 2, -1, -1):
+            z1, z0 = zx[layer + 1], zb[layer + 1]
+            m = self._rescale(self._act(z1) - self._act(z0), z1 - z0, self._grad(z1))
+            g = (g * m[:, None, :]) @ head[layer][0]
+        x_in, b_in = zx[0], zb[0]
+        if self._clip is not None:
+            inside = (np.abs(x_in) < self._clip).astype(np.float64)
+            g = g * self._rescale(self._clipped(x_in) - self._clipped(b_in), x_in - b_in, inside)[:, None, :]
+        # the inputs are normalised already: (x - b) / std times d/d(normalised) is (x - b) times d/dx
+        return g * (x_in - b_in)[:, None, :]
+
+    def explain(self, obs: NDArray[np.floating]) -> Explanation:
+        """DeepLIFT values of every action's score (F, A); they add up to score minus base value."""
+        x = np.asarray(obs, dtype=np.float64).reshape(1, -1)
+        if x.shape[1] != len(self._mean):
+            raise ValueError(f"observation must have {len(self._mean)} features, got {x.shape[1]}")
+        values = np.zeros((x.shape[1], self._n_scores))
+        scores = np.zeros(self._n_scores)
+        base = np.zeros(self._n_scores)
+        for head, zb in zip(self._heads, self._base_pass, strict=True):
+            zx = self._forward(head, self._inputs(x))
+            values += self._head_values(zx, zb, head).mean(axis=0).T
+            scores += zx[-1][0, : self._n_scores]
+            base += zb[-1][:, : self._n_scores].mean(axis=0)
+        heads = len(self._heads) if self._average_heads else 1
+        return Explanation(values=values / heads, base_values=base / heads, scores=scores / heads)
 
 
 class BackgroundExplainer:

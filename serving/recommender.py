@@ -33,7 +33,7 @@ from envs.spec import (
 )
 from policies.bundle import MANIFEST, BundleError, BundlePolicy, load
 from serving.benefit import BENEFIT_ENTRY_KEYS, BenefitModel
-from serving.explain import BackgroundExplainer, Explainer
+from serving.explain import BackgroundExplainer, Explainer, NetworkExplainer
 from serving.patient import build_observation
 from serving.schemas import (
     BenefitEstimate,
@@ -72,13 +72,28 @@ def check_prepared(policy: BundlePolicy) -> None:
     check_serving_section(explain, policy.path / MANIFEST if policy.path else policy.name)
 
 
+#: The rationale's explainers (``Recommender(explainer=...)``, ``carepath serve --explainer``), as each
+#: answer names its method.
+EXPLAINERS = {
+    "deep": "SHAP DeepExplainer values (DeepLIFT rescale rule) through the policy network against {k} "
+            "k-means background points; values add up to score minus base value",
+    "permutation": "SHAP permutation explainer against {k} k-means background points; values add up to score "
+                   "minus base value",
+}
+
+
 class Recommender:
     """Load a bundle once (checked), build and warm the explainer, then answer requests."""
 
     def __init__(self, bundle: str | Path | BundlePolicy, *, warm: bool | Literal["background"] = True,
-                 permutations: int = 1) -> None:
-        """``warm``: True builds and warms the explainer now, False on its first use, "background"
-        in a thread started now (:class:`serving.explain.BackgroundExplainer`)."""
+                 permutations: int = 1, explainer: Literal["deep", "permutation"] = "deep") -> None:
+        """``explainer``: "deep" (DeepLIFT through the policy's network,
+        :class:`serving.explain.NetworkExplainer`: exact additivity, no warm-up, no lock) or
+        "permutation" (shap's model-agnostic permutation explainer, ``permutations`` antithetic
+        pairs). ``warm`` (permutation): True builds and warms it now, False on its first use,
+        "background" in a thread started now (:class:`serving.explain.BackgroundExplainer`)."""
+        if explainer not in EXPLAINERS:
+            raise ValueError(f"explainer must be one of {sorted(EXPLAINERS)}, got {explainer!r}")
         self.policy = bundle if isinstance(bundle, BundlePolicy) else load(bundle)
         check_prepared(self.policy)
         explain = self.policy.manifest.explain
@@ -86,9 +101,14 @@ class Recommender:
         self.benefit = BenefitModel.from_bundle(self.policy)
         self.score_kind = "q_value" if self.policy.has_q_values else "logit"
         background = np.asarray(explain["background"], dtype=np.float64)
-        self.explainer: Explainer | BackgroundExplainer = (
-            BackgroundExplainer(self.policy.outputs, background, permutations=permutations) if warm == "background"
-            else Explainer(self.policy.outputs, background, permutations=permutations))
+        self.explainer: Explainer | BackgroundExplainer | NetworkExplainer
+        if explainer == "deep":
+            self.explainer = NetworkExplainer(self.policy.network, background)
+        elif warm == "background":
+            self.explainer = BackgroundExplainer(self.policy.outputs, background, permutations=permutations)
+        else:
+            self.explainer = Explainer(self.policy.outputs, background, permutations=permutations)
+        self.explainer_method = EXPLAINERS[explainer].format(k=len(background))
         self.info = PolicyInfo(name=self.policy.name, algorithm=self.policy.algorithm,
                                version=self.policy.manifest.weights_sha256[:12],
                                created=self.policy.manifest.created,
@@ -141,8 +161,7 @@ class Recommender:
             rationale = None
             if explanation is not None:
                 rationale = Rationale(
-                    method=f"SHAP permutation explainer against {len(self.explainer.background)} k-means background "
-                           f"points; values add up to score minus base value",
+                    method=self.explainer_method,
                     base_value=float(explanation.base_values[a]), score=float(explanation.scores[a]),
                     contributions=[_flag_assumed(Contribution(**vars(c)), assumed)
                                    for c in explanation.top(a, obs, TOP_CONTRIBUTIONS)])
