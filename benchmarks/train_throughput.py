@@ -8,7 +8,16 @@ Prints and writes ``benchmarks/results/train_throughput.json``:
 - the same figure for a minimal hand-written torch loop of the discrete CQL update,
   measured side by side in this run: the ratio says how much our framework costs
   (target: discrete CQL >= 200 updates/s on a 2-core CPU, i.e. a ratio near 1);
-- wall time of ``python train.py`` with no overrides, from a cold data cache.
+- a seed sweep trained as one stacked model (``hydra/launcher=batched``,
+  :class:`agents.offline.batched.BatchedQLearning`): aggregate updates per second
+  of ``--members`` CQL members batched against the same members run as single
+  agents, side by side in this run (issue target: >= 3x on 2 CPU cores, >= 20x
+  on an H200 at 64 members against one single CUDA run);
+- wall time of ``python train.py`` with no overrides, from a cold data cache;
+- with ``--sweep-fraction F``, the wall time of the whole sweep ``train.py -m
+  agent=cql seed=0..members-1 train_fraction=F`` under the default (joblib)
+  launcher and under ``hydra/launcher=batched`` (training, evaluation,
+  certification and serving preparation of every member).
 
 Each rate is the best of several repeats: the machine is noisy and the best
 repeat is the one least disturbed by other work.
@@ -118,6 +127,56 @@ def minimal_cql_rate(replay: TensorReplay, device: str, updates: int, repeats: i
     return best_rate(work, updates, repeats)
 
 
+def batched_rates(replay: TensorReplay, device: str, members: int, updates: int, repeats: int) -> dict[str, float]:
+    """Aggregate member-updates per second: ``members`` CQL agents stepped one after another (what
+    single runs do on one device), and the same members as one stacked model."""
+    from agents.offline.batched import BatchedQLearning
+
+    options = {"batch_size": BATCH, "hidden": list(HIDDEN), "device": device}
+    singles = [make_agent("cql", {**options, "seed": seed}) for seed in range(members)]
+
+    def one_by_one(k: int) -> None:
+        for agent in singles:
+            agent.fit(replay, n_updates=agent.updates_done + k, progress=False)
+
+    group = BatchedQLearning([make_agent("cql", {**options, "seed": seed}) for seed in range(members)], replay)
+
+    def stacked(k: int) -> None:
+        group.fit(group.updates_done + k, progress=False)
+
+    single_rate = best_rate(one_by_one, max(1, updates // members), repeats) * members
+    batched_rate = best_rate(stacked, max(1, updates // members), repeats) * members
+    return {"members": members, "single_runs": round(single_rate, 1), "batched": round(batched_rate, 1),
+            "ratio": round(batched_rate / single_rate, 2)}
+
+
+def sweep_wall_time(members: int, fraction: float) -> dict[str, Any]:
+    """The whole sweep, start to finish, under the default launcher and under the batched one."""
+    from hydra import compose, initialize_config_dir
+
+    from carepath.training import logged_data
+
+    out: dict[str, Any] = {"members": members, "train_fraction": fraction}
+    seeds = ",".join(str(s) for s in range(members))
+    cache = ROOT / "data" / "cache"
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        logged_data(compose("train", overrides=[f"data.cache_dir={cache}", "progress=false"]), ROOT)
+    for launcher in ("joblib", "batched"):
+        with tempfile.TemporaryDirectory() as tmp:
+            # the same cached log for both, generated above before either clock starts
+            common = [f"runs_dir={tmp}/runs", f"data.cache_dir={cache}", "progress=false"]
+            started = time.perf_counter()
+            result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", f"hydra/launcher={launcher}",
+                                     "agent=cql", f"seed={seeds}", f"train_fraction={fraction}", *common],
+                                    cwd=ROOT, capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - started
+        if result.returncode != 0:
+            raise RuntimeError(f"the {launcher} sweep failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        out[f"{launcher}_wall_s"] = round(wall, 1)
+    out["ratio"] = round(out["joblib_wall_s"] / out["batched_wall_s"], 2)
+    return out
+
+
 def default_train_wall_time() -> dict[str, Any]:
     """``python train.py`` exactly as a researcher first runs it, with a cold data cache."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,6 +196,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--transitions", type=int, default=200_000)
     parser.add_argument("--skip-default-run", action="store_true", help="do not time python train.py")
+    parser.add_argument("--members", type=int, default=8, help="members of the batched comparison (default 8)")
+    parser.add_argument("--sweep-fraction", type=float, default=0.0,
+                        help="also time the whole sweep under both launchers at this train_fraction (0: skip)")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json")
     args = parser.parse_args()
 
@@ -160,10 +222,18 @@ def main() -> None:
         for name, rate in rates.items():
             print(f"{device:5s} {name:18s} {rate:9.1f} updates/s")
         print(f"{device:5s} cql / minimal loop: {rates['cql'] / reference:.2f} (target: cql >= 200 updates/s on CPU)")
+        batched = batched_rates(replay, device, args.members, args.updates, args.repeats)
+        results.setdefault("batched_sweep", {})[device] = batched
+        print(f"{device:5s} {args.members} cql members: {batched['single_runs']:.0f} updates/s one after another, "
+              f"{batched['batched']:.0f} as one stacked model (x{batched['ratio']:.2f})")
     if not args.skip_default_run:
         results["default_train"] = default_train_wall_time()
         print(f"python train.py (cold cache): {results['default_train']['wall_s']} s  "
               f"{results['default_train']['summary']}")
+    if args.sweep_fraction > 0:
+        results["sweep_wall_time"] = sweep = sweep_wall_time(args.members, args.sweep_fraction)
+        print(f"sweep of {args.members} cql seeds at train_fraction {args.sweep_fraction}: joblib "
+              f"{sweep['joblib_wall_s']} s, batched {sweep['batched_wall_s']} s (x{sweep['ratio']:.2f})")
     from evaluation.cli import write_json_atomic  # atomic: never a half-written result
 
     write_json_atomic(args.out, results)

@@ -162,3 +162,42 @@ def test_submitit_local_multirun_finishes_its_job(tmp_path):
     logs = "".join(path.read_text() for path in (sweep_dir / ".submitit").rglob("*_log.out"))
     assert "bc seed 0: remission" in logs
     assert list((sweep_dir / ".submitit").rglob("*_result.pkl"))
+
+
+def test_batched_launcher_trains_a_seed_sweep_as_one_model_and_each_member_as_its_single_run(tmp_path):
+    result, _, jobs = run_sweep(tmp_path, "hydra/launcher=batched", "agent=cql", "seed=0,1")
+    output = result.stdout + result.stderr
+    assert "training 2 cql members as one stacked model from update 0: seeds [0, 1]" in output
+    assert [job.name.rsplit(",", 1)[-1] for job in jobs] == ["seed=0", "seed=1"]
+    members = {metrics["seed"]: (metrics, policy, job) for metrics, policy, job in
+               ((*check_job(job, "cql"), job) for job in jobs)}
+    assert members[0][1].manifest.weights_sha256 != members[1][1].manifest.weights_sha256
+    for metrics, _, job in members.values():
+        # every member's own TensorBoard events, as a single run writes them
+        events = EventAccumulator(str(job / "tensorboard"))
+        events.Reload()
+        assert {"train/td_loss", "train/cql_penalty", "eval/remission"} <= set(events.Tags()["scalars"])
+        assert metrics["certification"] is not None and (job / "policy" / "bundle.json").exists()
+    # member 0 against the single run of seed 0: its true remission inside the single run's interval
+    run_train(tmp_path, "agent=cql", "seed=0")
+    single = json.loads((tmp_path / "runs" / "cql" / "seed0" / "metrics.json").read_text())
+    interval = single["evaluation"]["policy"]["remission"]
+    assert interval["low"] <= members[0][0]["evaluation"]["policy"]["remission"]["value"] <= interval["high"]
+
+
+def test_batched_launcher_runs_what_it_cannot_group_as_single_runs(tmp_path):
+    # behaviour cloning is not Q-learning: a group of its seeds trains one by one, each a single run
+    result, _, jobs = run_sweep(tmp_path, "hydra/launcher=batched", "agent=bc", "seed=0,1")
+    output = result.stdout + result.stderr
+    assert "train one by one: BehaviourCloning is not a Q-learning agent" in output
+    assert "stacked model" not in output and len(jobs) == 2
+    for job in jobs:
+        check_job(job, "bc")
+
+
+def test_batched_launcher_refuses_a_group_size_below_one(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=smoke", "hydra/launcher=batched",
+           "hydra.launcher.max_members=0", f"runs_dir={tmp_path / 'runs'}", "seed=0,1"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0 and "max_members must be at least 1, got 0" in result.stdout + result.stderr
+    assert not list((tmp_path / "runs").rglob("metrics.json"))

@@ -83,10 +83,14 @@ class TensorReplay:
 
     def sample(self, batch_size: int) -> Batch:
         idx = torch.randint(self.n, (batch_size,), device=self.device, generator=self.generator)
+        return self.rows(idx)
+
+    def rows(self, idx: torch.Tensor) -> Batch:
+        """The transitions at ``idx`` (any shape: a batched sweep stacks its members' batches)."""
         rows = self._packed[idx]
         f, a = self._columns
-        return Batch(rows[:, :f], rows[:, 2 * f + 2].to(torch.int64), rows[:, 2 * f], rows[:, f:2 * f],
-                     rows[:, 2 * f + 1], rows[:, 2 * f + 3:2 * f + 3 + a] > 0.5, rows[:, 2 * f + 3 + a:] > 0.5)
+        return Batch(rows[..., :f], rows[..., 2 * f + 2].to(torch.int64), rows[..., 2 * f], rows[..., f:2 * f],
+                     rows[..., 2 * f + 1], rows[..., 2 * f + 3:2 * f + 3 + a] > 0.5, rows[..., 2 * f + 3 + a:] > 0.5)
 
     def obs_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of observations, for the network's normalisation."""

@@ -175,34 +175,40 @@ class OfflineAgent:
 
 
 class QLearningAgent(OfflineAgent):
-    """Masked double Q-learning with a hard-copied target network; CQL adds its penalty."""
+    """Masked double Q-learning with a hard-copied target network; CQL adds its penalty.
+
+    The loss is a pure function of the networks' outputs (:meth:`loss_terms`), so that a sweep
+    can train many members as one stacked model under ``torch.func.vmap``
+    (:mod:`agents.offline.batched`) with the same arithmetic as a single run."""
 
     def build(self) -> None:
         self.target = copy.deepcopy(self.network).requires_grad_(False)
         self.optimizer = adam(self.network.parameters(), self.config.learning_rate)
 
-    def td_target(self, batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            # double Q-learning: the online net picks among the next state's allowed
-            # actions, the target net values the pick
-            next_action = masked_argmax(self.network(batch.next_obs), batch.next_masks)
-            next_q = self.target(batch.next_obs).gather(1, next_action[:, None]).squeeze(1)
-            return batch.rewards + self.config.gamma * (1.0 - batch.dones) * next_q
-
-    def q_loss(self, q: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_terms(self, q: torch.Tensor, next_q: torch.Tensor, next_q_target: torch.Tensor,
+                   batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and its named terms from Q(obs), and, without gradient, the online and target
+        networks' Q(next_obs). Tensors only (no ``.item()``): it must run under ``vmap``."""
+        # double Q-learning: the online net picks among the next state's allowed
+        # actions, the target net values the pick
+        next_action = masked_argmax(next_q, batch.next_masks)
+        next_value = next_q_target.gather(1, next_action[:, None]).squeeze(1)
+        target = batch.rewards + self.config.gamma * (1.0 - batch.dones) * next_value
         q_taken = q.gather(1, batch.actions[:, None]).squeeze(1)
-        td = torch.nn.functional.smooth_l1_loss(q_taken, self.td_target(batch))
-        return td, {"td_loss": float(td.detach()), "q_mean": float(q_taken.detach().mean())}
+        td = torch.nn.functional.smooth_l1_loss(q_taken, target)
+        return td, {"td_loss": td, "q_mean": q_taken.mean()}
 
     def update(self, batch: Batch) -> dict[str, float]:
         q = self.network(batch.obs)
-        loss, metrics = self.q_loss(q, batch)
+        with torch.no_grad():
+            next_q, next_q_target = self.network(batch.next_obs), self.target(batch.next_obs)
+        loss, terms = self.loss_terms(q, next_q, next_q_target, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         if (self.updates_done + 1) % self.config.target_update_interval == 0:
             self.target.load_state_dict(self.network.state_dict())
-        return metrics
+        return {key: float(value.detach()) for key, value in terms.items()}
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"network": self.network, "target": self.target}

@@ -34,12 +34,13 @@ class DiscreteCQL(QLearningAgent):
     algorithm = "cql"
     config: CQLConfig
 
-    def q_loss(self, q: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        td, metrics = super().q_loss(q, batch)
+    def loss_terms(self, q: torch.Tensor, next_q: torch.Tensor, next_q_target: torch.Tensor,
+                   batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        td, terms = super().loss_terms(q, next_q, next_q_target, batch)
         q_taken = q.gather(1, batch.actions[:, None]).squeeze(1)
         penalty = (masked_logsumexp(q, batch.masks) - q_taken).mean()
-        metrics["cql_penalty"] = float(penalty.detach())
-        return td + self.config.alpha * penalty, metrics
+        terms["cql_penalty"] = penalty
+        return td + self.config.alpha * penalty, terms
 
 
 @register("cql", "offline", CQLConfig, "discrete conservative Q-learning (CQL)")

@@ -1,0 +1,214 @@
+"""``hydra/launcher=batched``: the runs of a sweep that can share one stacked model train as one.
+
+    python train.py -m hydra/launcher=batched agent=cql seed=0,1,2,3,4,5,6,7
+
+Jobs whose composed configs are equal but for the seed, of a Q-learning agent
+(``cql``, ``dqn_offline``), form a group. Each member starts as a single run
+does (``carepath.training.start_run``: its own folder, config check,
+``overwrite`` rule, seeded agent, TensorBoard writer, and its checkpoint if
+one is there), the group trains as one model
+(:class:`agents.offline.batched.BatchedQLearning`, checkpointing every member
+as a single run would), and each member then finishes as a single run does
+(bundle, ground truth, off-policy check, serving preparation, certificate,
+``metrics.json``). Jobs that cannot join a group run one after another as
+single runs, and the log says why. Members resumed from checkpoints at
+different updates train in one group per resume point.
+"""
+
+# No "from __future__ import annotations": Hydra's plugin scan runs this module outside
+# sys.modules, where a dataclass with string annotations cannot be built.
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+#: Config keys the members of one group may differ in.
+MEMBER_KEYS = ("seed",)
+#: Keys that change nothing about training (each member keeps its own value).
+IGNORED_KEYS = ("progress", "overwrite")
+
+
+@dataclass
+class BatchedLauncherConf:
+    _target_: str = "hydra_plugins.carepath_batched.batched_launcher.BatchedLauncher"
+    #: the most members one stacked model holds (a larger group is split)
+    max_members: int = 64
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="batched", node=BatchedLauncherConf, provider="carepath")
+
+
+def group_key(sweep_config: DictConfig) -> str | None:
+    """What members of one group share (the task config without its seed), or None when the job
+    cannot be grouped (its config does not resolve outside a job)."""
+    task = OmegaConf.masked_copy(sweep_config, [str(k) for k in sweep_config if k != "hydra"])
+    try:
+        plain = OmegaConf.to_container(task, resolve=True)
+    except Exception:  # an interpolation that needs the job's runtime: run it alone
+        return None
+    assert isinstance(plain, dict)
+    for key in (*MEMBER_KEYS, *IGNORED_KEYS):
+        plain.pop(key, None)
+    return json.dumps(plain, sort_keys=True, default=str)
+
+
+class BatchedLauncher(Launcher):
+    def __init__(self, max_members: int = 64) -> None:
+        super().__init__()
+        if int(max_members) < 1:
+            raise ValueError(f"hydra.launcher.max_members must be at least 1, got {max_members}")
+        self.max_members = int(max_members)
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def _job(self, task_function: TaskFunction, sweep_config: DictConfig) -> JobReturn:
+        assert self.hydra_context is not None
+        return run_job(hydra_context=self.hydra_context, task_function=task_function, config=sweep_config,
+                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        assert self.hydra_context is not None and self.config is not None and self.task_function is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        configs: list[DictConfig] = []
+        for idx, overrides in enumerate(job_overrides):
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = initial_job_idx + idx
+                sweep_config.hydra.job.num = initial_job_idx + idx
+            configs.append(sweep_config)
+            log.info("\t#%d : %s", initial_job_idx + idx, " ".join(filter_overrides(overrides)))
+        groups: dict[str, list[int]] = {}
+        alone: list[int] = []
+        for i, sweep_config in enumerate(configs):
+            key = group_key(sweep_config)
+            (groups.setdefault(key, []) if key is not None else alone).append(i)
+        results: dict[int, JobReturn] = {}
+        for members in groups.values():
+            for start in range(0, len(members), self.max_members):
+                chunk = members[start:start + self.max_members]
+                if len(chunk) == 1:
+                    alone.extend(chunk)
+                else:
+                    results.update(self._launch_group([(i, configs[i]) for i in chunk]))
+        for i in sorted(alone):
+            log.info("job #%d runs alone (no other job of the sweep shares its config but the seed)",
+                     initial_job_idx + i)
+            results[i] = self._job(self.task_function, configs[i])
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return [results[i] for i in range(len(configs))]
+
+    def _launch_group(self, jobs: list[tuple[int, DictConfig]]) -> dict[int, JobReturn]:
+        """Start every member, train them together (or one by one where they cannot share a
+        model), then finish each; a member that fails to start is reported and left out."""
+        from carepath.training import finish_run, start_run, train_run
+
+        assert self.config is not None
+        results: dict[int, JobReturn] = {}
+        started: dict[int, Any] = {}
+        for i, sweep_config in jobs:
+            ret = self._job(start_run, sweep_config)
+            if ret.status == JobStatus.COMPLETED:
+                started[i] = ret.return_value
+            else:
+                results[i] = ret
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        trained: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+        try:
+            trained.update(train_group(started))
+        except Exception:
+            for run in started.values():
+                run.writer.close()
+            raise
+        for i, sweep_config in jobs:
+            if i in started:
+                results[i] = self._job(_finisher(started[i], trained.get(i), train_run, finish_run), sweep_config)
+        return results
+
+
+def _finisher(run: Any, trained: tuple[dict[str, Any], dict[str, Any]] | None, train_run: Any,
+              finish_run: Any) -> TaskFunction:
+    """The task that finishes ``run`` in its own job (its folder, log and Hydra config): after
+    the group's training, or training it alone first."""
+    def finish(_cfg: DictConfig) -> float:
+        data, parts = trained if trained is not None else train_run(run)
+        return float(finish_run(run, data, parts))
+
+    return finish
+
+
+def train_group(runs: dict[int, Any]) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
+    """Train the runs that can share one stacked model together, one model per resume point; the
+    others are left to train alone (absent from the result), and the log says why."""
+    from agents.common.replay import replay_from_transitions
+    from agents.offline.batched import BatchedQLearning, IncompatibleMembers, check_members
+    from carepath.training import (
+        load_checkpoint,
+        offline_parts,
+        offline_updates,
+        save_checkpoint,
+        scalar_logger,
+        split_log,
+    )
+
+    if not runs:
+        return {}
+    ids = sorted(runs)
+    first = runs[ids[0]]
+    try:
+        if any(runs[i].kind != "offline" for i in ids):
+            raise IncompatibleMembers("only agents trained on logged data train batched")
+        samplers = {i: load_checkpoint(runs[i].run_dir, runs[i].agent) for i in ids}
+        by_update: dict[int, list[int]] = {}
+        for i in ids:
+            by_update.setdefault(runs[i].agent.updates_done, []).append(i)
+        for members in by_update.values():
+            check_members([runs[i].agent for i in members])
+    except IncompatibleMembers as err:
+        log.info("jobs %s train one by one: %s", ids, err)
+        return {}
+    import torch
+
+    cfg = first.cfg
+    dataset, provenance, parts = split_log(cfg, first.run_dir)
+    provenance["split"] = {name: part.n_patients for name, part in parts.items()}
+    # one copy of the data for every member; each member draws its own minibatches
+    replay = replay_from_transitions(parts["train"].transitions(), device=first.agent.device, seed=int(cfg.seed))
+    total, log_every = offline_updates(cfg, first.agent)
+    for members in by_update.values():
+        generators = []
+        for i in members:
+            g = torch.Generator(device=replay.device).manual_seed(int(runs[i].cfg.seed))
+            state = samplers[i]
+            if state is not None:
+                g.set_state(state)
+            generators.append(g)
+        batched = BatchedQLearning([runs[i].agent for i in members], replay, generators)
+        log.info("training %d %s members as one stacked model from update %d: seeds %s", len(members),
+                 first.agent.algorithm, batched.updates_done, [int(runs[i].cfg.seed) for i in members])
+
+        def checkpoint(step: int, members: list[int] = members, generators: list[Any] = generators) -> None:
+            for i, g in zip(members, generators, strict=True):
+                save_checkpoint(runs[i].run_dir, runs[i].agent, g.get_state())
+
+        batched.fit(total, callbacks=[scalar_logger(runs[i].writer) for i in members], log_every=log_every,
+                    progress=bool(cfg.progress), checkpoint=checkpoint, checkpoint_every=int(cfg.checkpoint_every))
+    held = offline_parts(dataset, parts)
+    return {i: ({**provenance, "split": dict(provenance["split"])}, held) for i in ids}
