@@ -3,9 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 # optional extras installed into .venv (CI: make test EXTRAS=dev,postgres)
 EXTRAS ?= dev
+comma := ,
+# one stamp per set of extras: asking for another set installs it
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: help venv demo test lint typecheck pytest calibration benchmarks tensorboard lock clean browser audit
 
@@ -30,7 +32,7 @@ venv: $(STAMP)
 
 demo: venv
 	$(BIN)/carepath simulate --patients 5000 --weeks 26
-	$(BIN)/carepath calibrate --scale 0.5 --plot reports/demo/trajectories.png --json reports/demo/calibration.json
+	$(BIN)/carepath calibrate --plot reports/demo/trajectories.png --json reports/demo/calibration.json
 	@echo
 	@echo "An offline agent (CQL) trained on the logged data, then certified on the patients it did not train on:"
 	$(BIN)/python train.py overwrite=true
@@ -87,7 +89,9 @@ benchmarks: venv
 tensorboard: venv
 	$(BIN)/tensorboard --logdir runs
 
-lock: venv
+# every extra installed first, so that their pins stay in the file
+lock:
+	$(MAKE) venv EXTRAS=dev,postgres
 	$(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' > constraints.txt.new
 	{ head -2 constraints.txt; cat constraints.txt.new; } > constraints.txt.tmp && rm constraints.txt.new && mv constraints.txt.tmp constraints.txt
 
