@@ -298,6 +298,7 @@ def train_offline(cfg: DictConfig, agent: Any, run_dir: Path, writer: Any) -> tu
     dataset, provenance, parts = split_log(cfg, run_dir)
     replay = replay_from_transitions(parts["train"].transitions(), device=agent.device, seed=int(cfg.seed))
     provenance["split"] = {name: part.n_patients for name, part in parts.items()}
+    agent.setup(replay.feature_names, replay.action_names)  # sizes and names from the data
     sampler = load_checkpoint(run_dir, agent)
     if sampler is not None:
         replay.generator.set_state(sampler)

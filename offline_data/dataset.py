@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from envs.spec import ACTION_NAMES, FEATURE_NAMES
 from offline_data.frame import LogFrame
 from offline_data.io import read_log_file
 from offline_data.schema import COLUMN_BY_NAME, META_BEHAVIOR_PROB_ESTIMATED, check_compatible
@@ -56,9 +57,18 @@ class Transitions:
     behavior_prob: F32  # (n,) logging policy's probability of the logged action
     episode: I64  # (n,) episode index
     t: I64  # (n,) week
-
     def __len__(self) -> int:
         return len(self.action)
+
+    # What the columns and actions are (not fields: every field is a per-row array). Agents take
+    # their sizes and names from these, not from the simulator's spec.
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return FEATURE_NAMES
+
+    @property
+    def action_names(self) -> tuple[str, ...]:
+        return ACTION_NAMES
 
 
 @dataclass(frozen=True)

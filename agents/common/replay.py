@@ -6,7 +6,9 @@ sampling; here a batch is one ``torch.randint`` and one gather per array.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +27,12 @@ class Batch:
 
 
 class TensorReplay:
-    """All transitions on one device; ``sample`` draws a uniform batch with replacement."""
+    """All transitions on one device; ``sample`` draws a uniform batch with replacement.
+
+    ``feature_names`` and ``action_names`` name the observation columns and the actions (default
+    ``feature_0``, ... and ``action_0``, ...): agents take their sizes and the names their bundles
+    record from here, so they learn from any logged data; serving refuses a bundle whose names
+    are not the ones it serves."""
 
     def __init__(
         self,
@@ -38,6 +45,8 @@ class TensorReplay:
         next_masks: NDArray[np.bool_],
         device: torch.device | str = "cpu",
         seed: int = 0,
+        feature_names: Sequence[str] | None = None,
+        action_names: Sequence[str] | None = None,
     ) -> None:
         n = len(obs)
         for name, arr in (("actions", actions), ("rewards", rewards), ("next_obs", next_obs), ("dones", dones),
@@ -46,6 +55,14 @@ class TensorReplay:
                 raise ValueError(f"transitions: {name} has {len(arr)} rows, obs has {n}")
         if n == 0:
             raise ValueError("transitions: no data to learn from")
+        n_features, n_actions = np.shape(obs)[1], np.shape(masks)[1]
+        self.feature_names = tuple(feature_names) if feature_names is not None else tuple(
+            f"feature_{i}" for i in range(n_features))
+        self.action_names = tuple(action_names) if action_names is not None else tuple(
+            f"action_{j}" for j in range(n_actions))
+        if len(self.feature_names) != n_features or len(self.action_names) != n_actions:
+            raise ValueError(f"transitions: {len(self.feature_names)} feature names for {n_features} columns, "
+                             f"{len(self.action_names)} action names for {n_actions} actions")
         masks = np.asarray(masks, dtype=bool)
         actions = np.asarray(actions, dtype=np.int64)
         if not masks[np.arange(n), actions].all():
@@ -113,6 +130,6 @@ def masked_argmax(q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def replay_from_transitions(transitions: object, device: torch.device | str = "cpu", seed: int = 0) -> TensorReplay:
     """A :class:`TensorReplay` from ``offline_data``'s ``Transitions`` (obs, action, reward,
     next_obs, done, mask, next_mask)."""
-    t = transitions
-    return TensorReplay(t.obs, t.action, t.reward, t.next_obs, t.done, t.mask, t.next_mask,  # type: ignore[attr-defined]
-                        device=device, seed=seed)
+    t: Any = transitions
+    return TensorReplay(t.obs, t.action, t.reward, t.next_obs, t.done, t.mask, t.next_mask, device=device, seed=seed,
+                        feature_names=getattr(t, "feature_names", None), action_names=getattr(t, "action_names", None))

@@ -10,7 +10,7 @@ at action selection (the bundle's policy never puts mass on a blocked action).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,7 +19,6 @@ import torch
 from tqdm import tqdm
 
 from agents.common.replay import Batch, TensorReplay, masked_argmax, masked_max
-from envs.spec import N_ACTIONS, N_FEATURES
 from policies.bundle import ActionSelection, BundleManifest, save_bundle
 from policies.networks import NetworkSpec, PolicyNetwork
 
@@ -79,17 +78,47 @@ class OfflineAgent:
     algorithm: ClassVar[str] = ""
     output: ClassVar[str] = "q_values"
 
+    network: PolicyNetwork
+
     def __init__(self, config: OfflineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        torch.manual_seed(config.seed)
         if config.torch_threads > 0:
             torch.set_num_threads(config.torch_threads)
-        self.network = PolicyNetwork(self.network_spec()).to(self.device)
+        #: the named features and actions of the data the agent learns from (set by :meth:`setup`)
+        self.feature_names: tuple[str, ...] = ()
+        self.action_names: tuple[str, ...] = ()
         self.updates_done = 0
 
+    @property
+    def ready(self) -> bool:
+        """Whether :meth:`setup` has built the network."""
+        return bool(self.feature_names)
+
+    def setup(self, feature_names: Sequence[str], action_names: Sequence[str]) -> None:
+        """Build the network for data with these named features and actions: sizes and names come
+        from the data, never from the simulator's spec. Seeded here, so that the initial weights
+        depend on the seed alone. Setting up again with other names is refused."""
+        names = (tuple(str(n) for n in feature_names), tuple(str(n) for n in action_names))
+        if not names[0] or not names[1]:
+            raise ValueError("an agent needs at least one named feature and one named action")
+        if self.ready:
+            if names != (self.feature_names, self.action_names):
+                raise ValueError(f"{self.algorithm} was set up for {len(self.feature_names)} features and "
+                                 f"{len(self.action_names)} actions with other names; this data has "
+                                 f"{len(names[0])} and {len(names[1])}")
+            return
+        self.feature_names, self.action_names = names
+        torch.manual_seed(self.config.seed)
+        self.network = PolicyNetwork(self.network_spec()).to(self.device)
+
+    @property
+    def n_actions(self) -> int:
+        return len(self.action_names)
+
     def network_spec(self) -> NetworkSpec:
-        return NetworkSpec(N_FEATURES, N_ACTIONS, self.config.hidden, output=self.output)  # type: ignore[arg-type]
+        return NetworkSpec(len(self.feature_names), self.n_actions, self.config.hidden,
+                           output=self.output)  # type: ignore[arg-type]
 
     def selection(self) -> ActionSelection:
         """How the trained network picks actions in the bundle (greedy over allowed by default)."""
@@ -117,6 +146,7 @@ class OfflineAgent:
         """Run ``n_updates`` gradient updates (default: the config's), resuming where a
         checkpoint left off; returns the last logged metrics."""
         total = int(n_updates if n_updates is not None else self.config.n_updates)
+        self.setup(replay.feature_names, replay.action_names)
         if self.updates_done == 0:
             mean, std = replay.obs_stats()
             self.network.set_normalization(mean, std)
@@ -151,15 +181,23 @@ class OfflineAgent:
                overwrite: bool = False) -> Path:
         manifest = BundleManifest(algorithm=self.algorithm, name=name, network=self.network.spec,
                                   selection=self.selection(), config=config or {"agent": self.config.to_dict()},
-                                  data=data or {}, evaluation=evaluation or {})
+                                  data=data or {}, evaluation=evaluation or {},
+                                  feature_names=list(self.feature_names), action_names=list(self.action_names))
         return save_bundle(path, self.network.cpu(), manifest, overwrite=overwrite)
 
     def state(self) -> dict[str, Any]:
         """Everything needed to resume: module and optimiser states, counters."""
         return {"updates_done": self.updates_done, "modules": {k: m.state_dict() for k, m in self.modules().items()},
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()}}
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+                "names": {"features": list(self.feature_names), "actions": list(self.action_names)}}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        names = state.get("names")
+        if names is not None:
+            self.setup(names["features"], names["actions"])
+        elif not self.ready:  # a checkpoint from before names were recorded: the caller knows the data
+            raise ValueError("this checkpoint does not name its data's features and actions: set the agent up "
+                             "for its data first (agent.setup)")
         self.build()
         for key, module in self.modules().items():
             module.load_state_dict(state["modules"][key])

@@ -85,6 +85,7 @@ class BatchedQLearning:
         if self.members[0].updates_done == 0:
             mean, std = replay.obs_stats()
             for member in self.members:
+                member.setup(replay.feature_names, replay.action_names)
                 member.network.set_normalization(mean, std)
                 member.build()
         self.template = self.members[0]

@@ -16,7 +16,6 @@ import torch
 from agents.common.replay import Batch, masked_argmax
 from agents.offline.base import OfflineAgent, OfflineConfig, adam
 from agents.registry import register
-from envs.spec import N_ACTIONS, N_FEATURES
 from policies.networks import NetworkSpec
 
 
@@ -41,7 +40,7 @@ class DiscreteBCQ(OfflineAgent):
     config: BCQConfig
 
     def network_spec(self) -> NetworkSpec:
-        return NetworkSpec(N_FEATURES, 2 * N_ACTIONS, self.config.hidden, output="q_bcq",
+        return NetworkSpec(len(self.feature_names), 2 * self.n_actions, self.config.hidden, output="q_bcq",
                            extra={"threshold": self.config.threshold})
 
     def build(self) -> None:
@@ -55,12 +54,13 @@ class DiscreteBCQ(OfflineAgent):
 
     def update(self, batch: Batch) -> dict[str, float]:
         out = self.network(batch.obs)
-        q, logits = out[:, :N_ACTIONS], out[:, N_ACTIONS:]
+        a = self.n_actions
+        q, logits = out[:, :a], out[:, a:]
         with torch.no_grad():
             next_out = self.network(batch.next_obs)
-            allowed = self._plausible(next_out[:, N_ACTIONS:], batch.next_masks)
-            next_action = masked_argmax(next_out[:, :N_ACTIONS], allowed)
-            next_q = self.target(batch.next_obs)[:, :N_ACTIONS].gather(1, next_action[:, None]).squeeze(1)
+            allowed = self._plausible(next_out[:, a:], batch.next_masks)
+            next_action = masked_argmax(next_out[:, :a], allowed)
+            next_q = self.target(batch.next_obs)[:, :a].gather(1, next_action[:, None]).squeeze(1)
             target = batch.rewards + self.config.gamma * (1.0 - batch.dones) * next_q
         q_taken = q.gather(1, batch.actions[:, None]).squeeze(1)
         td = torch.nn.functional.smooth_l1_loss(q_taken, target)

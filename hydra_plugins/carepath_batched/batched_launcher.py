@@ -172,17 +172,8 @@ def train_group(runs: dict[int, Any]) -> dict[int, tuple[dict[str, Any], dict[st
         return {}
     ids = sorted(runs)
     first = runs[ids[0]]
-    try:
-        if any(runs[i].kind != "offline" for i in ids):
-            raise IncompatibleMembers("only agents trained on logged data train batched")
-        samplers = {i: load_checkpoint(runs[i].run_dir, runs[i].agent) for i in ids}
-        by_update: dict[int, list[int]] = {}
-        for i in ids:
-            by_update.setdefault(runs[i].agent.updates_done, []).append(i)
-        for members in by_update.values():
-            check_members([runs[i].agent for i in members])
-    except IncompatibleMembers as err:
-        log.info("jobs %s train one by one: %s", ids, err)
+    if any(runs[i].kind != "offline" for i in ids):
+        log.info("jobs %s train one by one: only agents trained on logged data train batched", ids)
         return {}
     import torch
 
@@ -191,6 +182,19 @@ def train_group(runs: dict[int, Any]) -> dict[int, tuple[dict[str, Any], dict[st
     provenance["split"] = {name: part.n_patients for name, part in parts.items()}
     # one copy of the data for every member; each member draws its own minibatches
     replay = replay_from_transitions(parts["train"].transitions(), device=first.agent.device, seed=int(cfg.seed))
+    try:
+        samplers = {}
+        for i in ids:
+            runs[i].agent.setup(replay.feature_names, replay.action_names)
+            samplers[i] = load_checkpoint(runs[i].run_dir, runs[i].agent)
+        by_update: dict[int, list[int]] = {}
+        for i in ids:
+            by_update.setdefault(runs[i].agent.updates_done, []).append(i)
+        for members in by_update.values():
+            check_members([runs[i].agent for i in members])
+    except IncompatibleMembers as err:
+        log.info("jobs %s train one by one: %s", ids, err)
+        return {}
     total, log_every = offline_updates(cfg, first.agent)
     for members in by_update.values():
         generators = []

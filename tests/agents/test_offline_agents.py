@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -6,9 +8,10 @@ from agents import available, make_agent, make_config
 from agents.common.replay import TensorReplay, masked_argmax, masked_logsumexp, masked_max, replay_from_transitions
 from envs import dynamics as D
 from envs.params import EnvSettings
-from envs.spec import N_ACTIONS, N_FEATURES, Action
+from envs.spec import ACTION_NAMES, FEATURE_NAMES, N_ACTIONS, N_FEATURES, Action
 from policies import StardPolicy, load
 from policies.base import sample_actions
+from policies.bundle import BundleError
 
 OFFLINE = ["bc", "bcq", "cql", "dqn_offline"]
 
@@ -35,7 +38,8 @@ def replay(params):
         state, obs, mask = res.state, res.obs, res.mask
     arrays = {key: np.concatenate(value) for key, value in rows.items()}
     return TensorReplay(arrays["obs"], arrays["a"], arrays["r"], arrays["next_obs"], arrays["done"],
-                        arrays["mask"], arrays["next_mask"], seed=0)
+                        arrays["mask"], arrays["next_mask"], seed=0, feature_names=FEATURE_NAMES,
+                        action_names=ACTION_NAMES)
 
 
 def test_registry_lists_the_offline_agents_and_names_bad_options():
@@ -142,7 +146,8 @@ def test_default_conservatism_still_finds_a_better_rarely_logged_action(tmp_path
     better = int(Action.ADD_PSYCHOTHERAPY)
     rewards = np.where(actions == better, 1.0, np.where(actions == 0, 0.2, 0.0)) + rng.normal(0, 0.05, n)
     masks = np.ones((n, N_ACTIONS), dtype=bool)
-    replay = TensorReplay(obs, actions, rewards.astype(np.float32), obs, np.ones(n), masks, masks, seed=0)
+    replay = TensorReplay(obs, actions, rewards.astype(np.float32), obs, np.ones(n), masks, masks, seed=0,
+                          feature_names=FEATURE_NAMES, action_names=ACTION_NAMES)
     chosen = {}
     for label, options in (("default", {}), ("atari", {"cql": {"alpha": 1.0}, "bcq": {"threshold": 0.3}}[name])):
         agent = make_agent(name, {"n_updates": 3000, "hidden": [64, 64], "device": "cpu", "seed": 0, **options})
@@ -151,3 +156,40 @@ def test_default_conservatism_still_finds_a_better_rarely_logged_action(tmp_path
         chosen[label] = policy.action_probs(obs[:2000], masks[:2000]).argmax(axis=1)
     assert (chosen["default"] == better).mean() > 0.9
     assert (chosen["atari"] == 0).mean() > 0.9
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_agents_learn_from_any_named_data_and_serving_refuses_other_names(tmp_path, name):
+    """Sizes and names come from the data, not from the simulator's spec: a log of 5 named
+    features and 3 named actions trains every offline agent, and its bundle records those names.
+    Loading it to serve depression care is refused, naming the field."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    obs = rng.normal(size=(n, 5)).astype(np.float32)
+    masks = np.ones((n, 3), dtype=bool)
+    actions = rng.integers(0, 3, n)
+    replay = TensorReplay(obs, actions, (actions == 2).astype(np.float32), obs, np.ones(n), masks, masks,
+                          feature_names=["hba1c", "bmi", "age", "sbp", "egfr"], action_names=["wait", "metformin",
+                                                                                             "insulin"])
+    agent = make_agent(name, {"n_updates": 50, "hidden": [16], "batch_size": 32, "device": "cpu"})
+    agent.fit(replay, progress=False)
+    assert agent.network.spec.n_in == 5 and agent.network.spec.n_out in (3, 6)
+    bundle = agent.export(tmp_path / name, name=name)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["feature_names"][0] == "hba1c" and manifest["action_names"] == ["wait", "metformin", "insulin"]
+    with pytest.raises(BundleError, match="feature_names"):
+        load(bundle)
+    # the same agent cannot silently be fed data with other names
+    with pytest.raises(ValueError, match="other names"):
+        agent.setup(FEATURE_NAMES, ACTION_NAMES)
+    # a checkpoint records the names, so a fresh agent resumes without being told them
+    resumed = make_agent(name, {"n_updates": 50, "hidden": [16], "batch_size": 32, "device": "cpu"})
+    resumed.load_state(agent.state())
+    assert resumed.action_names == ("wait", "metformin", "insulin")
+
+
+def test_replay_names_must_match_its_columns():
+    obs = np.zeros((2, 3), dtype=np.float32)
+    mask = np.ones((2, 2), dtype=bool)
+    with pytest.raises(ValueError, match="2 feature names for 3 columns"):
+        TensorReplay(obs, np.array([0, 1]), np.zeros(2), obs, np.zeros(2), mask, mask, feature_names=["a", "b"])
