@@ -17,9 +17,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from carepath.training import check_config, run
-
-__all__ = ["check_config", "main"]
+from carepath.training import run
 
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")

@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-import train
+from carepath import training
 from carepath.cli import main as carepath_main
 from envs.spec import FEATURE_BOUNDS, FEATURE_NAMES
 from offline_data.generate import generate
@@ -797,13 +797,13 @@ BAD_CONFIGS: list[tuple[list[str], str]] = [
 def test_configs_with_wrong_types_are_refused_naming_the_field() -> None:
     trials = Trials("Hydra config (compose + check_config)")
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        train.check_config(compose(config_name="train", overrides=["experiment=smoke"]))  # the good one passes
+        training.check_config(compose(config_name="train", overrides=["experiment=smoke"]))  # the good one passes
         for overrides, field in BAD_CONFIGS:
             TALLY[trials.category][0] += 1
             cfg = compose(config_name="train", overrides=["experiment=smoke", *overrides])
             try:
-                train.check_config(cfg)
-            except train.ConfigError as err:
+                training.check_config(cfg)
+            except training.ConfigError as err:
                 if field in str(err) and "\n" not in str(err):
                     TALLY[trials.category][1] += 1
                 else:
