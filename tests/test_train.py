@@ -168,6 +168,8 @@ def test_batched_launcher_trains_a_seed_sweep_as_one_model_and_each_member_as_it
     result, _, jobs = run_sweep(tmp_path, "hydra/launcher=batched", "agent=cql", "seed=0,1")
     output = result.stdout + result.stderr
     assert "training 2 cql members as one stacked model from update 0: seeds [0, 1]" in output
+    # then each member finishes as a single run, resuming with nothing left to train
+    assert "Joblib.Parallel" in output
     assert [job.name.rsplit(",", 1)[-1] for job in jobs] == ["seed=0", "seed=1"]
     members = {metrics["seed"]: (metrics, policy, job) for metrics, policy, job in
                ((*check_job(job, "cql"), job) for job in jobs)}
@@ -195,9 +197,11 @@ def test_batched_launcher_runs_what_it_cannot_group_as_single_runs(tmp_path):
         check_job(job, "bc")
 
 
-def test_batched_launcher_refuses_a_group_size_below_one(tmp_path):
+@pytest.mark.parametrize(("option", "message"), [("max_members=0", "max_members must be at least 1, got 0"),
+                                               ("n_jobs=0", "n_jobs must be -1 (every core) or at least 1")])
+def test_batched_launcher_refuses_bad_options(tmp_path, option, message):
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "experiment=smoke", "hydra/launcher=batched",
-           "hydra.launcher.max_members=0", f"runs_dir={tmp_path / 'runs'}", "seed=0,1"]
+           f"hydra.launcher.{option}", f"runs_dir={tmp_path / 'runs'}", "seed=0,1"]
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
-    assert result.returncode != 0 and "max_members must be at least 1, got 0" in result.stdout + result.stderr
+    assert result.returncode != 0 and message in result.stdout + result.stderr
     assert not list((tmp_path / "runs").rglob("metrics.json"))

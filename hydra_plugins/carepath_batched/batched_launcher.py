@@ -6,13 +6,15 @@ Jobs whose composed configs are equal but for the seed, of a Q-learning agent
 (``cql``, ``dqn_offline``), form a group. Each member starts as a single run
 does (``carepath.training.start_run``: its own folder, config check,
 ``overwrite`` rule, seeded agent, TensorBoard writer, and its checkpoint if
-one is there), the group trains as one model
-(:class:`agents.offline.batched.BatchedQLearning`, checkpointing every member
-as a single run would), and each member then finishes as a single run does
-(bundle, ground truth, off-policy check, serving preparation, certificate,
-``metrics.json``). Jobs that cannot join a group run one after another as
-single runs, and the log says why. Members resumed from checkpoints at
-different updates train in one group per resume point.
+one is there); the group trains as one model
+(:class:`agents.offline.batched.BatchedQLearning`), checkpointing every member
+in the single-run format, and leaves each a checkpoint at its last update.
+Then every job of the sweep runs as a single run, ``n_jobs`` at once (the
+joblib launcher): a member resumes from that checkpoint with nothing left to
+train, so only its evaluation, serving preparation, certification and
+``metrics.json`` remain. Jobs that cannot join a group train in their single
+run, and the log says why. Members resumed from checkpoints at different
+updates train in one group per resume point.
 """
 
 # No "from __future__ import annotations": Hydra's plugin scan runs this module outside
@@ -43,6 +45,8 @@ class BatchedLauncherConf:
     _target_: str = "hydra_plugins.carepath_batched.batched_launcher.BatchedLauncher"
     #: the most members one stacked model holds (a larger group is split)
     max_members: int = 64
+    #: finishing runs (evaluation, serving preparation, certification) at once; -1: every core
+    n_jobs: int = -1
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="batched", node=BatchedLauncherConf, provider="carepath")
@@ -62,12 +66,22 @@ def group_key(sweep_config: DictConfig) -> str | None:
     return json.dumps(plain, sort_keys=True, default=str)
 
 
+def _without_overwrite(overrides: Sequence[str]) -> list[str]:
+    """A member's overrides for its finishing run: ``overwrite=false``, so that it resumes from the
+    checkpoint the batched training left instead of clearing it (its start already cleared any
+    finished run). ``overwrite`` is not part of the sweep's folder names."""
+    return [o for o in overrides if not o.lstrip("+~").startswith("overwrite=")] + ["overwrite=false"]
+
+
 class BatchedLauncher(Launcher):
-    def __init__(self, max_members: int = 64) -> None:
+    def __init__(self, max_members: int = 64, n_jobs: int = -1) -> None:
         super().__init__()
         if int(max_members) < 1:
             raise ValueError(f"hydra.launcher.max_members must be at least 1, got {max_members}")
+        if int(n_jobs) == 0 or int(n_jobs) < -1:
+            raise ValueError(f"hydra.launcher.n_jobs must be -1 (every core) or at least 1, got {n_jobs}")
         self.max_members = int(max_members)
+        self.n_jobs = int(n_jobs)
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -77,12 +91,13 @@ class BatchedLauncher(Launcher):
         self.hydra_context = hydra_context
         self.task_function = task_function
 
-    def _job(self, task_function: TaskFunction, sweep_config: DictConfig) -> JobReturn:
-        assert self.hydra_context is not None
-        return run_job(hydra_context=self.hydra_context, task_function=task_function, config=sweep_config,
-                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        """Train every group as one stacked model, then run every job as a single run, several at
+        once (joblib): a member resumes from the final checkpoint its group left, so only its
+        evaluation, serving preparation and certification remain; a job that joined no group
+        trains as well."""
+        from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+
         setup_globals()
         assert self.hydra_context is not None and self.config is not None and self.task_function is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -100,68 +115,53 @@ class BatchedLauncher(Launcher):
         for i, sweep_config in enumerate(configs):
             key = group_key(sweep_config)
             (groups.setdefault(key, []) if key is not None else alone).append(i)
-        results: dict[int, JobReturn] = {}
+        trained: set[int] = set()
         for members in groups.values():
             for start in range(0, len(members), self.max_members):
                 chunk = members[start:start + self.max_members]
                 if len(chunk) == 1:
                     alone.extend(chunk)
                 else:
-                    results.update(self._launch_group([(i, configs[i]) for i in chunk]))
+                    trained |= self._train_group([(i, configs[i]) for i in chunk])
         for i in sorted(alone):
             log.info("job #%d runs alone (no other job of the sweep shares its config but the seed)",
                      initial_job_idx + i)
-            results[i] = self._job(self.task_function, configs[i])
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return [results[i] for i in range(len(configs))]
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        finishing = [_without_overwrite(o) if i in trained else list(o) for i, o in enumerate(job_overrides)]
+        parallel = JoblibLauncher(n_jobs=self.n_jobs)
+        parallel.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
+        return parallel.launch(finishing, initial_job_idx)
 
-    def _launch_group(self, jobs: list[tuple[int, DictConfig]]) -> dict[int, JobReturn]:
-        """Start every member, train them together (or one by one where they cannot share a
-        model), then finish each; a member that fails to start is reported and left out."""
-        from carepath.training import finish_run, start_run, train_run
+    def _train_group(self, jobs: list[tuple[int, DictConfig]]) -> set[int]:
+        """Start every member in its own job (folder, config check, ``overwrite``, seeded agent,
+        checkpoint), train those that can share a model as one, and leave each a final checkpoint.
+        Returns the jobs so trained."""
+        from carepath.training import start_run
 
-        assert self.config is not None
-        results: dict[int, JobReturn] = {}
+        assert self.config is not None and self.hydra_context is not None
         started: dict[int, Any] = {}
         for i, sweep_config in jobs:
-            ret = self._job(start_run, sweep_config)
+            ret = run_job(hydra_context=self.hydra_context, task_function=start_run, config=sweep_config,
+                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
             if ret.status == JobStatus.COMPLETED:
                 started[i] = ret.return_value
-            else:
-                results[i] = ret
+            # a member that cannot start fails the same way again in its own run, which reports it
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        trained: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
         try:
-            trained.update(train_group(started))
-        except Exception:
+            return train_group(started)
+        finally:
             for run in started.values():
                 run.writer.close()
-            raise
-        for i, sweep_config in jobs:
-            if i in started:
-                results[i] = self._job(_finisher(started[i], trained.get(i), train_run, finish_run), sweep_config)
-        return results
 
 
-def _finisher(run: Any, trained: tuple[dict[str, Any], dict[str, Any]] | None, train_run: Any,
-              finish_run: Any) -> TaskFunction:
-    """The task that finishes ``run`` in its own job (its folder, log and Hydra config): after
-    the group's training, or training it alone first."""
-    def finish(_cfg: DictConfig) -> float:
-        data, parts = trained if trained is not None else train_run(run)
-        return float(finish_run(run, data, parts))
-
-    return finish
-
-
-def train_group(runs: dict[int, Any]) -> dict[int, tuple[dict[str, Any], dict[str, Any]]]:
-    """Train the runs that can share one stacked model together, one model per resume point; the
-    others are left to train alone (absent from the result), and the log says why."""
+def train_group(runs: dict[int, Any]) -> set[int]:
+    """Train the runs that can share one stacked model together, one model per resume point, and
+    leave each a checkpoint at its last update; returns their ids. Runs that cannot are left to
+    train alone (an empty result), and the log says why."""
     from agents.common.replay import replay_from_transitions
     from agents.offline.batched import BatchedQLearning, IncompatibleMembers, check_members
     from carepath.training import (
         load_checkpoint,
-        offline_parts,
         offline_updates,
         save_checkpoint,
         scalar_logger,
@@ -169,17 +169,16 @@ def train_group(runs: dict[int, Any]) -> dict[int, tuple[dict[str, Any], dict[st
     )
 
     if not runs:
-        return {}
+        return set()
     ids = sorted(runs)
     first = runs[ids[0]]
     if any(runs[i].kind != "offline" for i in ids):
         log.info("jobs %s train one by one: only agents trained on logged data train batched", ids)
-        return {}
+        return set()
     import torch
 
     cfg = first.cfg
-    dataset, provenance, parts = split_log(cfg, first.run_dir)
-    provenance["split"] = {name: part.n_patients for name, part in parts.items()}
+    _, _, parts = split_log(cfg, first.run_dir)
     # one copy of the data for every member; each member draws its own minibatches
     replay = replay_from_transitions(parts["train"].transitions(), device=first.agent.device, seed=int(cfg.seed))
     try:
@@ -194,7 +193,7 @@ def train_group(runs: dict[int, Any]) -> dict[int, tuple[dict[str, Any], dict[st
             check_members([runs[i].agent for i in members])
     except IncompatibleMembers as err:
         log.info("jobs %s train one by one: %s", ids, err)
-        return {}
+        return set()
     total, log_every = offline_updates(cfg, first.agent)
     for members in by_update.values():
         generators = []
@@ -214,5 +213,5 @@ def train_group(runs: dict[int, Any]) -> dict[int, tuple[dict[str, Any], dict[st
 
         batched.fit(total, callbacks=[scalar_logger(runs[i].writer) for i in members], log_every=log_every,
                     progress=bool(cfg.progress), checkpoint=checkpoint, checkpoint_every=int(cfg.checkpoint_every))
-    held = offline_parts(dataset, parts)
-    return {i: ({**provenance, "split": dict(provenance["split"])}, held) for i in ids}
+        checkpoint(total)  # the finishing run resumes here: nothing left to train
+    return set(ids)
