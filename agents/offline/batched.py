@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
@@ -68,20 +67,24 @@ def check_members(members: Sequence[QLearningAgent]) -> None:
 class BatchedQLearning:
     """Train ``members`` (built, seeded agents of one algorithm) together on one ``replay``.
 
-    ``generators`` are the members' minibatch generators (default: seeded with each member's
-    seed, as ``train.py`` seeds a single run's replay); the shared replay's own generator is not
-    used. After :meth:`fit` (and before every checkpoint) each member's network, target and
+    Each member draws its minibatches from its own generator, seeded with its seed as ``train.py``
+    seeds a single run's replay, or restored from ``sampler_states`` (a member's entry, as its
+    checkpoint keeps it; None: fresh); the shared replay's own generator is not used. After
+    :meth:`fit` (and before every checkpoint) each member's network, target and
     optimiser hold its own state, exactly as after a single run."""
 
     def __init__(self, members: Sequence[QLearningAgent], replay: TensorReplay,
-                 generators: Sequence[torch.Generator] | None = None) -> None:
+                 sampler_states: Sequence[torch.Tensor | None] | None = None) -> None:
         check_members(members)
         self.members = list(members)
         self.replay = replay
-        self.generators = list(generators) if generators is not None else [
-            torch.Generator(device=replay.device).manual_seed(int(m.config.seed)) for m in members]
-        if len(self.generators) != len(self.members):
-            raise ValueError(f"{len(self.generators)} generators for {len(self.members)} members")
+        states = list(sampler_states) if sampler_states is not None else [None] * len(self.members)
+        if len(states) != len(self.members):
+            raise ValueError(f"{len(states)} sampler states for {len(self.members)} members")
+        self.generators = [torch.Generator(device=replay.device).manual_seed(int(m.config.seed)) for m in members]
+        for generator, state in zip(self.generators, states, strict=True):
+            if state is not None:
+                generator.set_state(state)
         if self.members[0].updates_done == 0:
             mean, std = replay.obs_stats()
             for member in self.members:
@@ -196,7 +199,3 @@ class BatchedQLearning:
         self.unstack()
         return last
 
-
-def sampler_states(batched: BatchedQLearning) -> list[Any]:
-    """Each member's minibatch generator state (a single run's checkpoint keeps its replay's)."""
-    return [g.get_state() for g in batched.generators]

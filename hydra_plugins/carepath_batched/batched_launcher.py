@@ -126,7 +126,6 @@ class BatchedLauncher(Launcher):
         for i in sorted(alone):
             log.info("job #%d runs alone (no other job of the sweep shares its config but the seed)",
                      initial_job_idx + i)
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         finishing = [_without_overwrite(o) if i in trained else list(o) for i, o in enumerate(job_overrides)]
         parallel = JoblibLauncher(n_jobs=self.n_jobs)
         parallel.setup(hydra_context=self.hydra_context, task_function=self.task_function, config=self.config)
@@ -175,8 +174,6 @@ def train_group(runs: dict[int, Any]) -> set[int]:
     if any(runs[i].kind != "offline" for i in ids):
         log.info("jobs %s train one by one: only agents trained on logged data train batched", ids)
         return set()
-    import torch
-
     cfg = first.cfg
     _, _, parts = split_log(cfg, first.run_dir)
     # one copy of the data for every member; each member draws its own minibatches
@@ -196,18 +193,11 @@ def train_group(runs: dict[int, Any]) -> set[int]:
         return set()
     total, log_every = offline_updates(cfg, first.agent)
     for members in by_update.values():
-        generators = []
-        for i in members:
-            g = torch.Generator(device=replay.device).manual_seed(int(runs[i].cfg.seed))
-            state = samplers[i]
-            if state is not None:
-                g.set_state(state)
-            generators.append(g)
-        batched = BatchedQLearning([runs[i].agent for i in members], replay, generators)
+        batched = BatchedQLearning([runs[i].agent for i in members], replay, [samplers[i] for i in members])
         log.info("training %d %s members as one stacked model from update %d: seeds %s", len(members),
                  first.agent.algorithm, batched.updates_done, [int(runs[i].cfg.seed) for i in members])
 
-        def checkpoint(step: int, members: list[int] = members, generators: list[Any] = generators) -> None:
+        def checkpoint(step: int, members: list[int] = members, generators: list[Any] = batched.generators) -> None:
             for i, g in zip(members, generators, strict=True):
                 save_checkpoint(runs[i].run_dir, runs[i].agent, g.get_state())
 

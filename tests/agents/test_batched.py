@@ -69,8 +69,8 @@ def test_a_resumed_group_continues_where_it_stopped():
     paused = _members(seeds)
     first = BatchedQLearning(paused, _replay(0))
     first.fit(30, progress=False)
-    generators = first.generators
-    BatchedQLearning(paused, _replay(0), generators).fit(60, progress=False)
+    samplers = [g.get_state() for g in first.generators]  # as each member's checkpoint keeps it
+    BatchedQLearning(paused, _replay(0), samplers).fit(60, progress=False)
     for a, b in zip(straight, paused, strict=True):
         assert a.updates_done == b.updates_done == 60
         for got, want in zip(a.network.parameters(), b.network.parameters(), strict=True):
