@@ -163,16 +163,19 @@ class NetworkExplainer:
         self._heads = [[(state[f"heads.{h}.{i}.weight"], state[f"heads.{h}.{i}.bias"]) for i in linear]
                        for h in range(len(network.heads))]
         # which outputs the policy's scores are (PolicyNetwork -> BundlePolicy.outputs)
-        self._average_heads = spec.output == "q_ensemble"
         self._n_scores = spec.n_out // 2 if spec.output == "q_bcq" else spec.n_out
-        self._base_pass = [self._forward(head, self._inputs(self.background)) for head in self._heads]
+        self._heads_averaged = len(self._heads) if spec.output == "q_ensemble" else 1
+        # the background's pass through every head, and the base values, once: they never change
+        self._base_pass = [self._forward(head, self._normalised(self.background)) for head in self._heads]
+        base_sum = sum(zb[-1][:, : self._n_scores].mean(axis=0) for zb in self._base_pass)
+        self._base_values = np.asarray(base_sum) / self._heads_averaged
 
     def warm(self) -> None:
         """Nothing to compile or build: kept so that every explainer has the same interface."""
 
-    def _inputs(self, obs: NDArray[np.float64]) -> list[NDArray[np.float64]]:
-        """Pre-activations of the input transforms: normalised observation (clipped next)."""
-        return [(obs - self._mean) / self._std]
+    def _normalised(self, obs: NDArray[np.float64]) -> NDArray[np.float64]:
+        """The network's normalised input (clipped in :meth:`_forward`)."""
+        return (obs - self._mean) / self._std
 
     def _act(self, z: NDArray[np.float64]) -> NDArray[np.float64]:
         if self._activation == "relu":
@@ -192,10 +195,10 @@ class NetworkExplainer:
         return z if self._clip is None else np.clip(z, -self._clip, self._clip)
 
     def _forward(self, head: list[tuple[NDArray[np.float64], NDArray[np.float64]]],
-                 pre: list[NDArray[np.float64]]) -> list[NDArray[np.float64]]:
-        """Every pre-activation of ``head`` (normalised input first), then the outputs."""
-        zs = list(pre)
-        a = self._clipped(zs[0])
+                 x: NDArray[np.float64]) -> list[NDArray[np.float64]]:
+        """The normalised input ``x``, every pre-activation of ``head``, then the outputs."""
+        zs = [x]
+        a = self._clipped(x)
         for i, (w, b) in enumerate(head):
             z = a @ w.T + b
             zs.append(z)
@@ -233,14 +236,12 @@ class NetworkExplainer:
             raise ValueError(f"observation must have {len(self._mean)} features, got {x.shape[1]}")
         values = np.zeros((x.shape[1], self._n_scores))
         scores = np.zeros(self._n_scores)
-        base = np.zeros(self._n_scores)
         for head, zb in zip(self._heads, self._base_pass, strict=True):
-            zx = self._forward(head, self._inputs(x))
+            zx = self._forward(head, self._normalised(x))
             values += self._head_values(zx, zb, head).mean(axis=0).T
             scores += zx[-1][0, : self._n_scores]
-            base += zb[-1][:, : self._n_scores].mean(axis=0)
-        heads = len(self._heads) if self._average_heads else 1
-        return Explanation(values=values / heads, base_values=base / heads, scores=scores / heads)
+        heads = self._heads_averaged
+        return Explanation(values=values / heads, base_values=self._base_values.copy(), scores=scores / heads)
 
 
 class BackgroundExplainer:
