@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from scipy import stats
-from tqdm import tqdm
 
 from envs.spec import FEATURE_INDEX, N_ACTIONS, N_FEATURES, Action
 from offline_data.dataset import Transitions
@@ -78,20 +77,24 @@ def fit_benefit(policy: Policy, transitions: Transitions, config: BenefitConfig,
                 progress: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Fit the ensemble; returns the tensors to store and the manifest entry describing them."""
     # fitting only: keeps torch's FQE off the serving start-up path
-    from evaluation.ope.fqe import FQEConfig, fit_fqe, resample_episodes
+    from evaluation.ope.fqe import FQEConfig, fit_fqe_resampled
 
     data = replace(transitions, reward=phq9_fall(transitions))
     rng = np.random.default_rng(config.seed)
+    # torch_threads 0: the run's own thread count (a joblib sweep's workers have one each); a
+    # stacked ensemble is wide enough to use them, unlike a single small fit
+    fqe = FQEConfig(iterations=config.horizon_weeks, updates_per_iteration=config.updates_per_iteration,
+                    batch_size=config.batch_size, hidden=config.hidden, gamma=1.0, seed=config.seed, device="cpu",
+                    torch_threads=0)
+    # every refit in one stacked model; refit k: the k-th resample drawn from rng, seed + k
+    with warnings.catch_warnings():
+        # FQE warns when iterations < the longest episode: here that is the point (an H-week value)
+        warnings.filterwarnings("ignore", message="FQE iterations", category=UserWarning)
+        results = fit_fqe_resampled(policy, data, [(rng, replace(fqe, seed=config.seed + k))
+                                                   for k in range(config.members)], progress=progress)
     tensors: dict[str, torch.Tensor] = {}
     spec: NetworkSpec | None = None
-    for k in tqdm(range(config.members), desc="benefit ensemble", unit="refit", disable=not progress):
-        fqe = FQEConfig(iterations=config.horizon_weeks, updates_per_iteration=config.updates_per_iteration,
-                        batch_size=config.batch_size, hidden=config.hidden, gamma=1.0, seed=config.seed + k,
-                        device="cpu")
-        with warnings.catch_warnings():
-            # FQE warns when iterations < the longest episode: here that is the point (an H-week value)
-            warnings.filterwarnings("ignore", message="FQE iterations", category=UserWarning)
-            result = fit_fqe(policy, resample_episodes(data, rng), fqe, progress=False)
+    for k, result in enumerate(results):
         spec = result.network.spec
         for key, value in result.network.state_dict().items():
             tensors[f"member{k}.{key}"] = value.detach().cpu()

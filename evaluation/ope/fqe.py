@@ -43,8 +43,8 @@ refit per resample.
 
 from __future__ import annotations
 
-import copy
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, overload
 
@@ -53,7 +53,7 @@ import torch
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from agents.offline.base import resolve_device
+from agents.offline.base import adam, resolve_device
 from offline_data.dataset import Episodes, Transitions
 from policies.base import Policy
 from policies.networks import NetworkSpec, PolicyNetwork
@@ -170,109 +170,277 @@ def fit_fqe(
     ``data`` follows :mod:`offline_data.dataset`'s conventions (the last
     transition of each episode is done; episodes start at their first row).
     """
-    config = config if config is not None else FQEConfig()
+    return fit_fqe_stacked([(policy, data, config if config is not None else FQEConfig())], progress=progress)[0]
+
+
+def fit_fqe_stacked(
+    fits: Sequence[tuple[Policy, Transitions | Episodes, FQEConfig]],
+    *,
+    progress: bool = True,
+) -> list[FQEResult]:
+    """Several FQE fits, each ``(policy, data, config)``, trained as one stacked model.
+
+    The fits may differ in policy, data (a bootstrap resample, another log) and ``config.seed``;
+    every other option must be equal (ValueError naming the one that is not). Each fit keeps what
+    makes it that fit: its network is built and seeded as a fit on its own would be, it draws
+    its own minibatches from its own seeded generator and has its own Adam moments, and the
+    summed loss gives its weights the gradient of its own loss alone; so a fit's result does
+    not depend on which others share the stack (a test holds it to round-off). What stacking
+    buys is one batched matrix product per layer for all fits instead of one small launch each:
+    these networks are small enough that a fit on its own is mostly framework overhead.
+    """
+    config = _shared_config([c for _, _, c in fits])
+    arrays = [_flatten(data) for _, data, _ in fits]
+    if any(len(a["obs"]) == 0 for a in arrays):
+        raise ValueError("FQE: no transitions to learn from")
+    shapes = {(a["obs"].shape[1], a["mask"].shape[1]) for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(f"FQE fits stacked together must share feature and action counts, got {sorted(shapes)}")
+    _warn_short_horizon(config, max(int(np.bincount(a["episode"]).max()) for a in arrays))
+
+    def pack(device: torch.device) -> tuple[list[torch.Tensor], list[_Member]]:
+        packed = [_pack(policy, a, c, device) for (policy, _, c), a in zip(fits, arrays, strict=True)]
+        return [rows for rows, _ in packed], [member for _, member in packed]
+
+    return _fit_on(pack, config, progress)
+
+
+def fit_fqe_resampled(
+    policy: Policy,
+    data: Transitions | Episodes,
+    resamples: Sequence[tuple[np.random.Generator, FQEConfig]],
+    *,
+    progress: bool = True,
+) -> list[FQEResult]:
+    """FQE of ``policy`` refitted on bootstrap resamples of ``data``, as one stacked model.
+
+    Refit ``k`` draws its resample with its generator exactly as :func:`resample_episodes` would
+    (so one generator given for every refit draws them in turn) and is fitted with its config;
+    the result is that of :func:`fit_fqe_stacked` on those resamples. ``pi_e`` is computed once
+    on ``data`` and each resample takes its rows: K refits cost one pass of the policy, not K.
+    """
+    config = _shared_config([c for _, c in resamples])
     arrays = _flatten(data)
     if len(arrays["obs"]) == 0:
         raise ValueError("FQE: no transitions to learn from")
-    longest = int(np.bincount(arrays["episode"]).max())
+    if isinstance(data, Episodes):  # resample_episodes draws every episode, even one with no step
+        lengths = np.bincount(arrays["episode"], minlength=len(data))
+    else:
+        starts = np.flatnonzero(np.r_[True, arrays["episode"][1:] != arrays["episode"][:-1]])
+        lengths = np.diff(np.r_[starts, len(arrays["episode"])])
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    # where each episode's first state sits among the initial states (episodes with steps only)
+    initial = np.cumsum(lengths > 0) - 1
+    _warn_short_horizon(config, int(lengths.max()))
+
+    def pack(device: torch.device) -> tuple[list[torch.Tensor], list[_Member]]:
+        rows, whole = _pack(policy, arrays, config, device)
+        all_rows, members = [], []
+        for generator, fit_config in resamples:
+            chosen = generator.integers(0, len(lengths), size=len(lengths))
+            taken = lengths[chosen]
+            # the rows of the chosen episodes, in order: start of each, then its steps
+            index = np.repeat(starts[chosen] - np.r_[0, np.cumsum(taken)[:-1]], taken) + np.arange(taken.sum())
+            all_rows.append(rows[torch.as_tensor(index, device=device)])
+            first = torch.as_tensor(initial[chosen[taken > 0]], device=device)
+            members.append(replace(whole, init_obs=whole.init_obs[first], init_probs=whole.init_probs[first],
+                                   seed=int(fit_config.seed)))
+        return all_rows, members
+
+    return _fit_on(pack, config, progress)
+
+
+def _shared_config(configs: Sequence[FQEConfig]) -> FQEConfig:
+    """The options every stacked fit shares; ValueError naming one that differs but the seed."""
+    if not configs:
+        raise ValueError("FQE: no fits to run")
+    shared = {k: v for k, v in configs[0].to_dict().items() if k != "seed"}
+    for i, other in enumerate(configs[1:], start=1):
+        differ = sorted(k for k, v in other.to_dict().items() if k != "seed" and shared[k] != v)
+        if differ:
+            raise ValueError(f"FQE fits stacked together must share every option but the seed; fit {i} differs "
+                             f"from fit 0 in {', '.join(differ)}")
+    return configs[0]
+
+
+def _warn_short_horizon(config: FQEConfig, longest: int) -> None:
     if config.gamma == 1.0 and config.iterations < longest:
         warnings.warn(f"FQE iterations ({config.iterations}) < longest episode ({longest} steps): with gamma 1 the "
-                      f"estimate is the value of the first {config.iterations} steps only", stacklevel=2)
+                      f"estimate is the value of the first {config.iterations} steps only", stacklevel=3)
 
+
+def _fit_on(pack: Callable[[torch.device], tuple[list[torch.Tensor], list[_Member]]], config: FQEConfig,
+            progress: bool) -> list[FQEResult]:
+    """Pack the fits' data on the device and fit them, under the config's thread count."""
     threads = torch.get_num_threads()
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
     try:
-        return _fit(policy, arrays, config, progress)
+        device = resolve_device(config.device)
+        rows, members = pack(device)
+        return _fit(rows, members, config, device, progress)
     finally:
         torch.set_num_threads(threads)
 
 
-def _fit(policy: Policy, arrays: dict[str, NDArray[Any]], config: FQEConfig, progress: bool) -> FQEResult:
-    n, n_features = arrays["obs"].shape
-    n_actions = arrays["mask"].shape[1]
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+@dataclass
+class _Member:
+    """One fit's first state of each episode, with ``pi_e`` there, its seed and its policy's name."""
 
-    done = arrays["done"]
+    init_obs: torch.Tensor
+    init_probs: torch.Tensor
+    seed: int
+    policy: str
+
+
+def _pack(policy: Policy, arrays: dict[str, NDArray[Any]], config: FQEConfig,
+          device: torch.device) -> tuple[torch.Tensor, _Member]:
+    """One fit's logged data on the device, one float32 row per transition:
+    ``[obs | next_obs | pi_e(.|s') | reward | gamma * (1 - done) | action]``, so that a minibatch
+    is a single gather; and its :class:`_Member`."""
+    n, n_actions = arrays["mask"].shape
     # pi_e at every successor, once. Done rows never bootstrap, so their (copied or
     # even empty) next masks are not shown to the policy and their row stays zero.
+    live = ~arrays["done"]
     next_probs = np.zeros((n, n_actions), dtype=np.float32)
-    live = ~done
     next_probs[live] = _policy_probs(policy, arrays["next_obs"][live], arrays["next_mask"][live])
     first = np.flatnonzero(np.r_[True, arrays["episode"][1:] != arrays["episode"][:-1]])
-    init_obs = arrays["obs"][first]
-    init_probs = _policy_probs(policy, init_obs, arrays["mask"][first])
-
-    # One float32 row per transition: [obs | next_obs | pi_e(.|s') | reward | gamma * (1 - done) | action],
-    # so a minibatch is a single gather (random rows of one array, not seven).
+    init_probs = _policy_probs(policy, arrays["obs"][first], arrays["mask"][first])
     packed = np.concatenate([arrays["obs"], arrays["next_obs"], next_probs, arrays["reward"][:, None],
                              (config.gamma * live)[:, None], arrays["action"][:, None]], axis=1, dtype=np.float32)
-    rows_t = torch.as_tensor(packed).to(device)
-    del packed
-    cols = np.cumsum([0, n_features, n_features, n_actions, 1, 1, 1]).tolist()
-    obs_cols, next_cols, prob_cols = (slice(cols[i], cols[i + 1]) for i in range(3))
-    reward_col, boot_col, action_col = cols[3], cols[4], cols[5]
-    init_obs_t = torch.as_tensor(init_obs, dtype=torch.float32).to(device)
-    init_probs_t = torch.as_tensor(init_probs).to(device)
+    return torch.as_tensor(packed).to(device), _Member(
+                   init_obs=torch.as_tensor(arrays["obs"][first], dtype=torch.float32).to(device),
+                   init_probs=torch.as_tensor(init_probs).to(device), seed=int(config.seed),
+                   policy=str(getattr(policy, "name", type(policy).__name__)))
 
-    network = PolicyNetwork(NetworkSpec(n_features, n_actions, config.hidden, output="q_values")).to(device)
-    obs_t = rows_t[:, obs_cols]
-    network.set_normalization(obs_t.mean(dim=0), obs_t.std(dim=0) if n > 1 else torch.ones(n_features, device=device))
-    # Q_0 = 0: the first iteration regresses on the immediate reward alone
-    for head in network.heads:
-        last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+class _StackedQ:
+    """The members' Q-networks (:class:`PolicyNetwork`'s plain ReLU MLP, ``q_values``) as stacked
+    weights: each layer is one batched matrix product over members, ``(K, B, in) -> (K, B, out)``."""
+
+    def __init__(self, networks: Sequence[PolicyNetwork]) -> None:
+        self.spec = networks[0].spec
+        head = networks[0].heads[0]
+        self.names = [name for name, module in head.named_modules() if isinstance(module, torch.nn.Linear)]
+        self.mean = torch.stack([net.obs_mean for net in networks])[:, None, :]
+        self.std = torch.stack([net.obs_std for net in networks])[:, None, :]
+        self.params: list[torch.Tensor] = []  # weight (K, out, in), bias (K, out), layer by layer
+        for name in self.names:
+            layers = [net.heads[0].get_submodule(name) for net in networks]
+            for key in ("weight", "bias"):
+                self.params.append(torch.stack([getattr(layer, key).detach() for layer in layers]))
+
+    def forward(self, params: Sequence[torch.Tensor], obs: torch.Tensor,
+                members: slice = slice(None)) -> torch.Tensor:
+        """Q-values of ``members`` (all by default) at ``obs``, (k, B, F) -> (k, B, A)."""
+        x = (obs - self.mean[members]) / self.std[members]
+        last = len(self.names) - 1
+        for i in range(len(self.names)):
+            weight, bias = params[2 * i][members], params[2 * i + 1][members]
+            x = torch.baddbmm(bias[:, None, :], x, weight.transpose(1, 2))
+            if i < last:
+                x = torch.relu(x)
+        return x
+
+    def network(self, params: Sequence[torch.Tensor], k: int) -> PolicyNetwork:
+        """Member ``k`` as a :class:`PolicyNetwork` of its own."""
+        network = PolicyNetwork(self.spec)
+        state = {"obs_mean": self.mean[k, 0], "obs_std": self.std[k, 0]}
+        for i, name in enumerate(self.names):
+            state[f"heads.0.{name}.weight"] = params[2 * i][k]
+            state[f"heads.0.{name}.bias"] = params[2 * i + 1][k]
+        network.load_state_dict({key: value.detach().clone() for key, value in state.items()})
+        return network.to(self.mean.device).requires_grad_(False).eval()
+
+
+def _fit(rows: list[torch.Tensor], members: list[_Member], config: FQEConfig, device: torch.device,
+         progress: bool) -> list[FQEResult]:
+    n_features = members[0].init_obs.shape[1]
+    n_actions = members[0].init_probs.shape[1]
+    networks, generators = [], []
+    for member, member_rows in zip(members, rows, strict=True):
+        # seeded as a fit on its own: the same initial weights and the same minibatches
+        torch.manual_seed(member.seed)
+        generators.append(torch.Generator(device=device).manual_seed(member.seed))
+        network = PolicyNetwork(NetworkSpec(n_features, n_actions, config.hidden, output="q_values")).to(device)
+        obs = member_rows[:, :n_features]
+        network.set_normalization(obs.mean(dim=0), obs.std(dim=0) if len(obs) > 1
+                                  else torch.ones(n_features, device=device))
+        # Q_0 = 0: the first iteration regresses on the immediate reward alone
+        last = [m for m in network.heads[0].modules() if isinstance(m, torch.nn.Linear)][-1]
         torch.nn.init.zeros_(last.weight)
         torch.nn.init.zeros_(last.bias)
+        networks.append(network)
+    stack = _StackedQ(networks)
+    params = [p.clone().requires_grad_(True) for p in stack.params]
     # ``average`` is the Polyak-Ruppert mean of the weights over the second half of each
     # iteration: the fitted Q_k (next target and final answer), with less SGD noise than
     # the last iterate, whose noise would otherwise compound over the horizon.
-    average = copy.deepcopy(network).requires_grad_(False)
-    target = copy.deepcopy(network).requires_grad_(False)
-    optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
+    average = [p.detach().clone() for p in params]
+    optimizer = adam(params, config.learning_rate)
+
+    # every member's rows in one tensor, so that a step's minibatches are one gather
+    sizes = [len(r) for r in rows]
+    offsets = torch.as_tensor(np.r_[0, np.cumsum(sizes)[:-1]], device=device)[:, None]
+    rows_t = torch.cat(rows)
+    rows.clear()  # the members' own copies: rows_t holds them now
+    cols = np.cumsum([0, n_features, n_features, n_actions, 1, 1, 1]).tolist()
+    obs_cols, next_cols, prob_cols = (slice(cols[i], cols[i + 1]) for i in range(3))
+    reward_col, boot_col, action_col = cols[3], cols[4], cols[5]
     updates = config.updates_per_iteration
     tail_start = updates // 2
 
-    def initial_values() -> torch.Tensor:
-        return (_predict_tensor(average, init_obs_t) * init_probs_t).sum(dim=1)
+    def initial_values(k: int) -> torch.Tensor:
+        member = members[k]
+        q = torch.cat([stack.forward(average, member.init_obs[None, i:i + CHUNK], slice(k, k + 1))[0]
+                       for i in range(0, len(member.init_obs), CHUNK)])
+        return (q * member.init_probs).sum(dim=1)
 
-    history: list[dict[str, float]] = []
-    bar = tqdm(range(config.iterations), desc=f"FQE {getattr(policy, 'name', 'policy')}", unit="iteration",
-               disable=not progress, leave=False)
+    history: list[list[dict[str, float]]] = [[] for _ in members]
+    name = members[0].policy if len(members) == 1 else f"{len(members)} fits"
+    bar = tqdm(range(config.iterations), desc=f"FQE {name}", unit="iteration", disable=not progress, leave=False)
     for _ in bar:
-        target.load_state_dict(average.state_dict())
-        loss_sum = torch.zeros((), device=device)
+        target = [p.clone() for p in average]
+        loss_sum = torch.zeros(len(members), device=device)
         for update in range(updates):
-            idx = torch.randint(n, (config.batch_size,), device=device, generator=generator)
-            batch = rows_t[idx]
+            idx = torch.stack([torch.randint(n, (config.batch_size,), device=device, generator=g)
+                               for n, g in zip(sizes, generators, strict=True)])
+            # index_select: a 2-D index into rows_t takes a much slower path
+            batch = rows_t.index_select(0, (idx + offsets).flatten()).view(len(members), config.batch_size, -1)
             with torch.no_grad():
-                probs = batch[:, prob_cols]
+                probs = batch[..., prob_cols]
                 # only actions with pi_e > 0 enter: torch.where, not a product, so a
                 # blocked action's (untrained, possibly huge) Q cannot leak in
-                next_q = torch.where(probs > 0, target(batch[:, next_cols]), 0.0)
-                y = batch[:, reward_col] + batch[:, boot_col] * (probs * next_q).sum(dim=1)
-            action = batch[:, action_col].long()
-            q = network(batch[:, obs_cols]).gather(1, action[:, None]).squeeze(1)
-            # squared error: FQE regresses on the conditional mean of the target
-            loss = torch.nn.functional.mse_loss(q, y)
+                next_q = torch.where(probs > 0, stack.forward(target, batch[..., next_cols]), 0.0)
+                y = batch[..., reward_col] + batch[..., boot_col] * (probs * next_q).sum(dim=2)
+            action = batch[..., action_col].long()
+            q = stack.forward(params, batch[..., obs_cols]).gather(2, action[..., None]).squeeze(2)
+            # squared error: FQE regresses on the conditional mean of the target; the sum over
+            # members gives each member's weights the gradient of its own mean
+            losses = ((q - y) ** 2).mean(dim=1)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses.sum().backward()
             optimizer.step()
             if update >= tail_start:
                 weight = 1.0 / (update - tail_start + 1)
                 with torch.no_grad():
-                    for p_avg, p in zip(average.parameters(), network.parameters(), strict=True):
+                    for p_avg, p in zip(average, params, strict=True):
                         p_avg.lerp_(p, weight)
-                loss_sum += loss.detach()
-        value = float(initial_values().mean())
-        history.append({"loss": float(loss_sum) / (updates - tail_start), "value": value})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3g}", value=f"{value:.3g}")
+                loss_sum += losses.detach()
+        mean_loss = (loss_sum / (updates - tail_start)).tolist()
+        for k in range(len(members)):
+            history[k].append({"loss": mean_loss[k], "value": float(initial_values(k).mean())})
+        if len(members) == 1:
+            bar.set_postfix(loss=f"{history[0][-1]['loss']:.3g}", value=f"{history[0][-1]['value']:.3g}")
     bar.close()
 
-    values = initial_values().double().cpu().numpy()
-    return FQEResult(value=float(values.mean()), initial_values=values, network=average.eval(), config=config,
-                     policy=str(getattr(policy, "name", type(policy).__name__)), history=history)
+    results = []
+    for k, member in enumerate(members):
+        values = initial_values(k).double().cpu().numpy()
+        results.append(FQEResult(value=float(values.mean()), initial_values=values,
+                                 network=stack.network(average, k), config=replace(config, seed=member.seed),
+                                 policy=member.policy, history=history[k]))
+    return results
 
 
 @overload
@@ -313,14 +481,12 @@ def refit_values(
     if isinstance(n_refits, bool) or not isinstance(n_refits, int | np.integer) or n_refits < 2:
         raise ValueError(f"FQE refits must be an integer of at least 2, got {n_refits!r}")
     config = config if config is not None else FQEConfig()
-    values = np.empty(n_refits)
-    name = getattr(policy, "name", type(policy).__name__)
-    for k in tqdm(range(n_refits), desc=f"FQE refits {name}", unit="refit", disable=not progress, leave=False):
-        sample = resample_episodes(episodes, np.random.default_rng((seed, k)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the full-data fit has already said what is wrong
-            values[k] = fit_fqe(policy, sample, replace(config, seed=config.seed + 1 + k), progress=False).value
-    return values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the full-data fit has already said what is wrong
+        resamples = [(np.random.default_rng((seed, k)), replace(config, seed=config.seed + 1 + k))
+                     for k in range(n_refits)]
+        fits = fit_fqe_resampled(policy, episodes, resamples, progress=progress)
+    return np.array([fit.value for fit in fits])
 
 
 def _flatten(data: Transitions | Episodes) -> dict[str, NDArray[Any]]:
@@ -384,4 +550,5 @@ def _predict(network: PolicyNetwork, obs: NDArray[np.float32]) -> NDArray[np.flo
     return _predict_tensor(network, torch.as_tensor(obs, device=device)).double().cpu().numpy()
 
 
-__all__ = ["FQEConfig", "FQEResult", "fit_fqe", "refit_values", "resample_episodes"]
+__all__ = ["FQEConfig", "FQEResult", "fit_fqe", "fit_fqe_resampled", "fit_fqe_stacked", "refit_values",
+           "resample_episodes"]

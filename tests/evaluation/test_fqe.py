@@ -1,6 +1,7 @@
 """Fitted Q evaluation: a hand-solved two-step problem, a simulated log against
 simulator ground truth, action masks and config validation."""
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -8,7 +9,14 @@ import pytest
 
 from envs.params import EnvSettings
 from evaluation.ground_truth import rollout
-from evaluation.ope.fqe import FQEConfig, fit_fqe, refit_values, resample_episodes
+from evaluation.ope.fqe import (
+    FQEConfig,
+    fit_fqe,
+    fit_fqe_resampled,
+    fit_fqe_stacked,
+    refit_values,
+    resample_episodes,
+)
 from offline_data.dataset import Transitions, load_dataset
 from offline_data.generate import generate
 from policies.baselines import make_baseline
@@ -103,6 +111,88 @@ def test_fqe_matches_the_hand_computed_value_and_blocked_actions_stay_out(two_st
     assert q[0, 2] == 0.0  # blocked: zeroed for callers
     assert result.q_values(np.eye(3, dtype=np.float32)[[S1B]])[0, 2] == pytest.approx(50, abs=1.0)
     assert [h["value"] for h in result.history][-1] == pytest.approx(result.value, abs=1e-6)
+
+
+class UniformPolicy:
+    """Uniform over allowed actions: a second target policy with its own exact value."""
+
+    name = "uniform"
+
+    def action_probs(self, obs, mask):
+        return mask / mask.sum(axis=1, keepdims=True)
+
+
+def uniform_value_s0():
+    v_1a = (2.0 + 0.0 + 1.0) / 3  # all three actions allowed at S1A
+    v_1b = (-1.0 + 3.0) / 2  # action 2 blocked at S1B inside these episodes
+    return 0.5 * (1 + 0.8 * v_1a + 0.2 * v_1b) + 0.5 * (0 + v_1b)
+
+
+def test_stacked_fits_each_reach_their_own_policys_value(two_step):
+    """Fits of different policies, data and seeds share one stacked model; each answers for itself."""
+    other = two_step_transitions(seed=5)
+    results = fit_fqe_stacked([(TablePolicy(), two_step, FQEConfig(seed=0, **SMALL)),
+                               (UniformPolicy(), other, FQEConfig(seed=1, **SMALL)),
+                               (TablePolicy(), other, FQEConfig(seed=2, **SMALL))], progress=False)
+    expected = (exact_values(1.0)[0], uniform_value_s0(), exact_values(1.0)[0])
+    for result, data, policy, v_s0, seed in zip(results, (two_step, other, other), ("table", "uniform", "table"),
+                                                expected, (0, 1, 2), strict=True):
+        first = np.flatnonzero(np.r_[True, np.diff(data.episode) != 0])
+        from_s0 = data.obs[first].argmax(axis=1) == S0
+        assert len(result.initial_values) == len(first)
+        assert result.initial_values[from_s0] == pytest.approx(v_s0, abs=0.1), policy
+        assert result.policy == policy and result.config.seed == seed
+
+
+def test_a_fit_does_not_depend_on_what_shares_its_stack(two_step):
+    """Own seed, own minibatches, own gradient: fitted alone or beside others, the same fit to round-off."""
+    config = FQEConfig(**{**SMALL, "iterations": 3, "updates_per_iteration": 40})
+    other = two_step_transitions(seed=7)
+    alone = fit_fqe(TablePolicy(), other, replace(config, seed=4), progress=False)
+    stacked = fit_fqe_stacked([(UniformPolicy(), two_step, replace(config, seed=3)),
+                               (TablePolicy(), other, replace(config, seed=4)),
+                               (TablePolicy(), two_step, replace(config, seed=5))], progress=False)[1]
+    for a, b in zip(alone.history, stacked.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert np.allclose(stacked.initial_values, alone.initial_values, atol=1e-5)
+    assert not np.allclose(stacked.initial_values, fit_fqe(TablePolicy(), other, replace(config, seed=5),
+                                                           progress=False).initial_values, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["transitions", "episodes"])
+def test_refits_on_resamples_match_fits_on_the_resampled_data(simulated, form):
+    """pi_e once on the log and rows taken per resample: the same fits as resampling first."""
+    policy = make_baseline("stard", 0.1)
+    data = simulated.transitions() if form == "transitions" else simulated.episodes()
+    config = FQEConfig(iterations=3, updates_per_iteration=30, batch_size=128, hidden=(16,), device="cpu")
+    shared = np.random.default_rng(9)  # one generator for every refit draws the resamples in turn
+    with pytest.warns(UserWarning, match="iterations"):
+        refits = fit_fqe_resampled(policy, data, [(shared, replace(config, seed=s)) for s in (1, 2, 3)],
+                                   progress=False)
+    again = np.random.default_rng(9)
+    samples = [resample_episodes(data, again) for _ in range(3)]
+    with pytest.warns(UserWarning, match="iterations"):
+        direct = fit_fqe_stacked([(policy, sample, replace(config, seed=s)) for sample, s in zip(samples, (1, 2, 3),
+                                                                                                strict=True)],
+                                 progress=False)
+    for a, b in zip(refits, direct, strict=True):
+        assert a.config.seed == b.config.seed
+        assert np.allclose(a.initial_values, b.initial_values, atol=1e-5)
+        assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-5)
+    assert len({round(r.value, 6) for r in refits}) == 3  # three different resamples
+
+
+def test_stacked_fits_must_agree_on_everything_but_the_seed(two_step):
+    with pytest.raises(ValueError, match="fit 1 differs from fit 0 in hidden"):
+        fit_fqe_stacked([(TablePolicy(), two_step, FQEConfig(**SMALL)),
+                         (TablePolicy(), two_step, FQEConfig(**{**SMALL, "hidden": (16,)}))], progress=False)
+    wider = replace(two_step, obs=np.pad(two_step.obs, ((0, 0), (0, 1))),
+                    next_obs=np.pad(two_step.next_obs, ((0, 0), (0, 1))))
+    with pytest.raises(ValueError, match="share feature and action counts"):
+        fit_fqe_stacked([(TablePolicy(), two_step, FQEConfig(**SMALL)),
+                         (TablePolicy(), wider, FQEConfig(**SMALL))], progress=False)
+    with pytest.raises(ValueError, match="no fits"):
+        fit_fqe_stacked([], progress=False)
 
 
 def test_a_policy_that_puts_mass_on_blocked_actions_is_refused(two_step):
