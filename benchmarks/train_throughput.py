@@ -150,8 +150,50 @@ def batched_rates(replay: TensorReplay, device: str, members: int, updates: int,
             "ratio": round(batched_rate / single_rate, 2)}
 
 
-def sweep_wall_time(members: int, fraction: float) -> dict[str, Any]:
-    """The whole sweep, start to finish, under the default launcher and under the batched one."""
+def compute_ceiling(replay: TensorReplay, device: str, single_rate: float) -> dict[str, float]:
+    """How far stacking can lift the aggregate rate on this device: the matrix-product FLOPs of one
+    CQL update (counted by torch's FlopCounterMode, as the agent runs it), the rate single runs
+    reach in them, and this device's measured matrix-multiply peak at the update's layer shapes.
+    Stacked members do the same FLOPs, so peak / single rate bounds the batched ratio."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    agent = make_agent("cql", {"batch_size": BATCH, "hidden": list(HIDDEN), "device": device})
+    agent.fit(replay, n_updates=1, progress=False)  # built and warmed
+    with FlopCounterMode(display=False) as counter:
+        agent.fit(replay, n_updates=agent.updates_done + 1, progress=False)
+    flops = counter.get_total_flops()
+    peak = 0.0
+    for rows, inner, outer in ((BATCH, HIDDEN[0], HIDDEN[1]), (8 * BATCH, HIDDEN[0], HIDDEN[1])):
+        a = torch.randn(rows, inner, device=device)
+        b = torch.randn(inner, outer, device=device)
+
+        def work(k: int, a: torch.Tensor = a, b: torch.Tensor = b) -> None:
+            for _ in range(k):
+                a @ b
+
+        peak = max(peak, best_rate(work, 200, 3) * 2 * rows * inner * outer / 1e9)
+    reached = flops * single_rate / 1e9
+    return {"gflop_per_update": round(flops / 1e9, 4), "single_runs_gflops": round(reached, 1),
+            "matmul_peak_gflops": round(peak, 1), "ceiling_ratio": round(peak / reached, 2)}
+
+
+def sequential_runs_wall_time(members: int, fraction: float, cache: Path) -> float:
+    """The same members as ``python train.py`` runs one after another (no sweep launcher)."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(members):
+            result = subprocess.run([sys.executable, str(ROOT / "train.py"), "agent=cql", f"seed={seed}",
+                                     f"train_fraction={fraction}", f"runs_dir={tmp}/runs",
+                                     f"data.cache_dir={cache}", "progress=false"],
+                                    cwd=ROOT, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"single run {seed} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def sweep_wall_time(members: int, fraction: float, sequential: bool = False) -> dict[str, Any]:
+    """The whole sweep, start to finish, under the default launcher and under the batched one (and,
+    with ``sequential``, as single runs one after another)."""
     from hydra import compose, initialize_config_dir
 
     from carepath.training import logged_data
@@ -174,6 +216,9 @@ def sweep_wall_time(members: int, fraction: float) -> dict[str, Any]:
             raise RuntimeError(f"the {launcher} sweep failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
         out[f"{launcher}_wall_s"] = round(wall, 1)
     out["ratio"] = round(out["joblib_wall_s"] / out["batched_wall_s"], 2)
+    if sequential:
+        out["sequential_wall_s"] = round(sequential_runs_wall_time(members, fraction, cache), 1)
+        out["ratio_to_sequential"] = round(out["sequential_wall_s"] / out["batched_wall_s"], 2)
     return out
 
 
@@ -199,6 +244,8 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=8, help="members of the batched comparison (default 8)")
     parser.add_argument("--sweep-fraction", type=float, default=0.0,
                         help="also time the whole sweep under both launchers at this train_fraction (0: skip)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="with --sweep-fraction, also time the members as single runs one after another")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json")
     args = parser.parse_args()
 
@@ -226,14 +273,23 @@ def main() -> None:
         results.setdefault("batched_sweep", {})[device] = batched
         print(f"{device:5s} {args.members} cql members: {batched['single_runs']:.0f} updates/s one after another, "
               f"{batched['batched']:.0f} as one stacked model (x{batched['ratio']:.2f})")
+        # against the same baseline as the ratio: the members stepped one after another
+        ceiling = compute_ceiling(replay, device, batched["single_runs"])
+        results.setdefault("batched_ceiling", {})[device] = ceiling
+        print(f"{device:5s} one cql update: {ceiling['gflop_per_update']} GFLOP in matrix products; single runs "
+              f"reach {ceiling['single_runs_gflops']} GFLOP/s of a measured {ceiling['matmul_peak_gflops']} GFLOP/s "
+              f"peak, so stacking can reach at most x{ceiling['ceiling_ratio']:.2f}")
     if not args.skip_default_run:
         results["default_train"] = default_train_wall_time()
         print(f"python train.py (cold cache): {results['default_train']['wall_s']} s  "
               f"{results['default_train']['summary']}")
     if args.sweep_fraction > 0:
-        results["sweep_wall_time"] = sweep = sweep_wall_time(args.members, args.sweep_fraction)
+        results["sweep_wall_time"] = sweep = sweep_wall_time(args.members, args.sweep_fraction, args.sequential)
         print(f"sweep of {args.members} cql seeds at train_fraction {args.sweep_fraction}: joblib "
               f"{sweep['joblib_wall_s']} s, batched {sweep['batched_wall_s']} s (x{sweep['ratio']:.2f})")
+        if "sequential_wall_s" in sweep:
+            print(f"the same {args.members} as single runs one after another: {sweep['sequential_wall_s']} s "
+                  f"(batched x{sweep['ratio_to_sequential']:.2f})")
     from evaluation.cli import write_json_atomic  # atomic: never a half-written result
 
     write_json_atomic(args.out, results)
