@@ -17,7 +17,12 @@ Prints and writes ``benchmarks/results/train_throughput.json``:
 - with ``--sweep-fraction F``, the wall time of the whole sweep ``train.py -m
   agent=cql seed=0..members-1 train_fraction=F`` under the default (joblib)
   launcher and under ``hydra/launcher=batched`` (training, evaluation,
-  certification and serving preparation of every member).
+  certification and serving preparation of every member), and with
+  ``--sequential`` as single ``python train.py`` runs one after another;
+- the ceiling of the batched ratio: one CQL update's matrix-product FLOPs
+  (torch's FlopCounterMode), the GFLOP/s single runs reach, and the device's
+  measured matrix-multiply peak at the update's shapes (on a CPU, stacked
+  members do the same FLOPs, so peak / single bounds the ratio).
 
 Each rate is the best of several repeats: the machine is noisy and the best
 repeat is the one least disturbed by other work.
@@ -150,11 +155,13 @@ def batched_rates(replay: TensorReplay, device: str, members: int, updates: int,
             "ratio": round(batched_rate / single_rate, 2)}
 
 
-def compute_ceiling(replay: TensorReplay, device: str, single_rate: float) -> dict[str, float]:
+def compute_ceiling(replay: TensorReplay, device: str, single_rate: float, members: int) -> dict[str, float]:
     """How far stacking can lift the aggregate rate on this device: the matrix-product FLOPs of one
     CQL update (counted by torch's FlopCounterMode, as the agent runs it), the rate single runs
-    reach in them, and this device's measured matrix-multiply peak at the update's layer shapes.
-    Stacked members do the same FLOPs, so peak / single rate bounds the batched ratio."""
+    reach in them, and this device's measured matrix-multiply peak at the update's hidden layer,
+    one member's product and ``members`` stacked. Stacked members do the same FLOPs, so on a CPU
+    peak / single rate bounds the batched ratio. On a GPU it is an estimate: other shapes
+    (or a larger stack) may run faster than those measured."""
     from torch.utils.flop_counter import FlopCounterMode
 
     agent = make_agent("cql", {"batch_size": BATCH, "hidden": list(HIDDEN), "device": device})
@@ -163,15 +170,15 @@ def compute_ceiling(replay: TensorReplay, device: str, single_rate: float) -> di
         agent.fit(replay, n_updates=agent.updates_done + 1, progress=False)
     flops = counter.get_total_flops()
     peak = 0.0
-    for rows, inner, outer in ((BATCH, HIDDEN[0], HIDDEN[1]), (8 * BATCH, HIDDEN[0], HIDDEN[1])):
-        a = torch.randn(rows, inner, device=device)
-        b = torch.randn(inner, outer, device=device)
+    for stack in (1, members):
+        a = torch.randn(stack, BATCH, HIDDEN[0], device=device)
+        b = torch.randn(stack, HIDDEN[0], HIDDEN[1], device=device)
 
         def work(k: int, a: torch.Tensor = a, b: torch.Tensor = b) -> None:
             for _ in range(k):
-                a @ b
+                torch.bmm(a, b)
 
-        peak = max(peak, best_rate(work, 200, 3) * 2 * rows * inner * outer / 1e9)
+        peak = max(peak, best_rate(work, 200, 3) * 2 * stack * BATCH * HIDDEN[0] * HIDDEN[1] / 1e9)
     reached = flops * single_rate / 1e9
     return {"gflop_per_update": round(flops / 1e9, 4), "single_runs_gflops": round(reached, 1),
             "matmul_peak_gflops": round(peak, 1), "ceiling_ratio": round(peak / reached, 2)}
@@ -248,6 +255,8 @@ def main() -> None:
                         help="with --sweep-fraction, also time the members as single runs one after another")
     parser.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json")
     args = parser.parse_args()
+    if args.sequential and args.sweep_fraction <= 0:
+        parser.error("--sequential times the sweep's members one after another: give --sweep-fraction too")
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     offline = [name for name in available() if entry(name).kind == "offline"]
@@ -274,7 +283,7 @@ def main() -> None:
         print(f"{device:5s} {args.members} cql members: {batched['single_runs']:.0f} updates/s one after another, "
               f"{batched['batched']:.0f} as one stacked model (x{batched['ratio']:.2f})")
         # against the same baseline as the ratio: the members stepped one after another
-        ceiling = compute_ceiling(replay, device, batched["single_runs"])
+        ceiling = compute_ceiling(replay, device, batched["single_runs"], args.members)
         results.setdefault("batched_ceiling", {})[device] = ceiling
         print(f"{device:5s} one cql update: {ceiling['gflop_per_update']} GFLOP in matrix products; single runs "
               f"reach {ceiling['single_runs_gflops']} GFLOP/s of a measured {ceiling['matmul_peak_gflops']} GFLOP/s "

@@ -11,6 +11,11 @@ Here:
 - ``pi_e(.|s')`` is computed once for every transition (the policy is fixed),
   and everything lives in one packed tensor on the device; a minibatch is one
   ``torch.randint`` and one gather, as in :class:`agents.common.replay.TensorReplay`.
+- Several fits (other policies, bootstrap resamples, seeds) train as one stacked
+  model (:func:`fit_fqe_stacked`, :func:`fit_fqe_resampled`): one batched matrix
+  product per layer for all of them, each fit still seeded, sampled and
+  optimised as on its own. A resample is the positions of its rows in the one
+  packed log, so K refits hold the log once and run the policy once.
 - One network serves every week of the finite horizon: the observation holds
   ``weeks_in_care``, so the network can tell how much of the horizon is left.
   With ``gamma = 1`` the ``k``-th iterate is the ``k``-step value, so
@@ -46,7 +51,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, overload
+from itertools import pairwise
+from typing import Any, cast, overload
 
 import numpy as np
 import torch
@@ -170,7 +176,7 @@ def fit_fqe(
     ``data`` follows :mod:`offline_data.dataset`'s conventions (the last
     transition of each episode is done; episodes start at their first row).
     """
-    return fit_fqe_stacked([(policy, data, config if config is not None else FQEConfig())], progress=progress)[0]
+    return _fit_stacked([(policy, data, config if config is not None else FQEConfig())], progress)[0]
 
 
 def fit_fqe_stacked(
@@ -189,6 +195,12 @@ def fit_fqe_stacked(
     buys is one batched matrix product per layer for all fits instead of one small launch each:
     these networks are small enough that a fit on its own is mostly framework overhead.
     """
+    return _fit_stacked(fits, progress)
+
+
+def _fit_stacked(fits: Sequence[tuple[Policy, Transitions | Episodes, FQEConfig]],
+                 progress: bool) -> list[FQEResult]:
+    """:func:`fit_fqe_stacked`; warnings point at the caller of the public function that called it."""
     config = _shared_config([c for _, _, c in fits])
     arrays = [_flatten(data) for _, data, _ in fits]
     if any(len(a["obs"]) == 0 for a in arrays):
@@ -196,11 +208,14 @@ def fit_fqe_stacked(
     shapes = {(a["obs"].shape[1], a["mask"].shape[1]) for a in arrays}
     if len(shapes) > 1:
         raise ValueError(f"FQE fits stacked together must share feature and action counts, got {sorted(shapes)}")
-    _warn_short_horizon(config, max(int(np.bincount(a["episode"]).max()) for a in arrays))
+    _warn_short_horizon(config, max(int(_run_lengths(a["episode"]).max()) for a in arrays), stacklevel=4)
 
-    def pack(device: torch.device) -> tuple[list[torch.Tensor], list[_Member]]:
-        packed = [_pack(policy, a, c, device) for (policy, _, c), a in zip(fits, arrays, strict=True)]
-        return [rows for rows, _ in packed], [member for _, member in packed]
+    def pack(device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor], list[_Member]]:
+        packed = [_pack(policy, a, c) for (policy, _, c), a in zip(fits, arrays, strict=True)]
+        sizes = np.cumsum([0] + [len(rows) for rows, _ in packed])
+        source = torch.as_tensor(np.concatenate([rows for rows, _ in packed])).to(device)
+        positions = [torch.arange(int(a), int(b), device=device) for a, b in pairwise(sizes)]
+        return source, positions, [member.to(device) for _, member in packed]
 
     return _fit_on(pack, config, progress)
 
@@ -216,8 +231,9 @@ def fit_fqe_resampled(
 
     Refit ``k`` draws its resample with its generator exactly as :func:`resample_episodes` would
     (so one generator given for every refit draws them in turn) and is fitted with its config;
-    the result is that of :func:`fit_fqe_stacked` on those resamples. ``pi_e`` is computed once
-    on ``data`` and each resample takes its rows: K refits cost one pass of the policy, not K.
+    each result is that of :func:`fit_fqe_stacked` on those resamples (to round-off; the
+    too-few-iterations warning judges the whole log). ``pi_e`` is computed once on ``data``, and
+    the log is held once: a resample is the positions of its rows in it.
     """
     config = _shared_config([c for _, c in resamples])
     arrays = _flatten(data)
@@ -226,28 +242,36 @@ def fit_fqe_resampled(
     if isinstance(data, Episodes):  # resample_episodes draws every episode, even one with no step
         lengths = np.bincount(arrays["episode"], minlength=len(data))
     else:
-        starts = np.flatnonzero(np.r_[True, arrays["episode"][1:] != arrays["episode"][:-1]])
-        lengths = np.diff(np.r_[starts, len(arrays["episode"])])
+        lengths = _run_lengths(arrays["episode"])
     starts = np.r_[0, np.cumsum(lengths)[:-1]]
     # where each episode's first state sits among the initial states (episodes with steps only)
     initial = np.cumsum(lengths > 0) - 1
-    _warn_short_horizon(config, int(lengths.max()))
+    _warn_short_horizon(config, int(lengths.max()), stacklevel=3)
 
-    def pack(device: torch.device) -> tuple[list[torch.Tensor], list[_Member]]:
-        rows, whole = _pack(policy, arrays, config, device)
-        all_rows, members = [], []
+    def pack(device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor], list[_Member]]:
+        rows, whole = _pack(policy, arrays, config)
+        whole = whole.to(device)
+        positions, members = [], []
         for generator, fit_config in resamples:
             chosen = generator.integers(0, len(lengths), size=len(lengths))
             taken = lengths[chosen]
+            if taken.sum() == 0:
+                raise ValueError("FQE: a resample drew only episodes without steps; no transitions to learn from")
             # the rows of the chosen episodes, in order: start of each, then its steps
             index = np.repeat(starts[chosen] - np.r_[0, np.cumsum(taken)[:-1]], taken) + np.arange(taken.sum())
-            all_rows.append(rows[torch.as_tensor(index, device=device)])
+            positions.append(torch.as_tensor(index, device=device))
             first = torch.as_tensor(initial[chosen[taken > 0]], device=device)
             members.append(replace(whole, init_obs=whole.init_obs[first], init_probs=whole.init_probs[first],
                                    seed=int(fit_config.seed)))
-        return all_rows, members
+        return torch.as_tensor(rows).to(device), positions, members
 
     return _fit_on(pack, config, progress)
+
+
+def _run_lengths(episode: NDArray[np.integer]) -> NDArray[np.int64]:
+    """Lengths of the runs of equal episode ids, in order (one per episode)."""
+    starts = np.flatnonzero(np.r_[True, episode[1:] != episode[:-1]])
+    return np.diff(np.r_[starts, len(episode)])
 
 
 def _shared_config(configs: Sequence[FQEConfig]) -> FQEConfig:
@@ -263,22 +287,27 @@ def _shared_config(configs: Sequence[FQEConfig]) -> FQEConfig:
     return configs[0]
 
 
-def _warn_short_horizon(config: FQEConfig, longest: int) -> None:
+def _warn_short_horizon(config: FQEConfig, longest: int, stacklevel: int) -> None:
+    """``stacklevel``: frames between this function and the user's call (the warning points there)."""
     if config.gamma == 1.0 and config.iterations < longest:
         warnings.warn(f"FQE iterations ({config.iterations}) < longest episode ({longest} steps): with gamma 1 the "
-                      f"estimate is the value of the first {config.iterations} steps only", stacklevel=3)
+                      f"estimate is the value of the first {config.iterations} steps only", stacklevel=stacklevel)
 
 
-def _fit_on(pack: Callable[[torch.device], tuple[list[torch.Tensor], list[_Member]]], config: FQEConfig,
-            progress: bool) -> list[FQEResult]:
+#: Packs the fits' logged data on a device: every row once in one tensor, each fit's rows as
+#: positions in it, and each fit's :class:`_Member`.
+Packer = Callable[[torch.device], tuple[torch.Tensor, list[torch.Tensor], list["_Member"]]]
+
+
+def _fit_on(pack: Packer, config: FQEConfig, progress: bool) -> list[FQEResult]:
     """Pack the fits' data on the device and fit them, under the config's thread count."""
     threads = torch.get_num_threads()
     if config.torch_threads > 0:
         torch.set_num_threads(config.torch_threads)
     try:
         device = resolve_device(config.device)
-        rows, members = pack(device)
-        return _fit(rows, members, config, device, progress)
+        source, positions, members = pack(device)
+        return _fit(source, positions, members, config, device, progress)
     finally:
         torch.set_num_threads(threads)
 
@@ -292,12 +321,14 @@ class _Member:
     seed: int
     policy: str
 
+    def to(self, device: torch.device) -> _Member:
+        return replace(self, init_obs=self.init_obs.to(device), init_probs=self.init_probs.to(device))
 
-def _pack(policy: Policy, arrays: dict[str, NDArray[Any]], config: FQEConfig,
-          device: torch.device) -> tuple[torch.Tensor, _Member]:
-    """One fit's logged data on the device, one float32 row per transition:
+
+def _pack(policy: Policy, arrays: dict[str, NDArray[Any]], config: FQEConfig) -> tuple[NDArray[np.float32], _Member]:
+    """One fit's logged data, one float32 row per transition:
     ``[obs | next_obs | pi_e(.|s') | reward | gamma * (1 - done) | action]``, so that a minibatch
-    is a single gather; and its :class:`_Member`."""
+    is a single gather; and its :class:`_Member` (on the CPU)."""
     n, n_actions = arrays["mask"].shape
     # pi_e at every successor, once. Done rows never bootstrap, so their (copied or
     # even empty) next masks are not shown to the policy and their row stays zero.
@@ -308,10 +339,9 @@ def _pack(policy: Policy, arrays: dict[str, NDArray[Any]], config: FQEConfig,
     init_probs = _policy_probs(policy, arrays["obs"][first], arrays["mask"][first])
     packed = np.concatenate([arrays["obs"], arrays["next_obs"], next_probs, arrays["reward"][:, None],
                              (config.gamma * live)[:, None], arrays["action"][:, None]], axis=1, dtype=np.float32)
-    return torch.as_tensor(packed).to(device), _Member(
-                   init_obs=torch.as_tensor(arrays["obs"][first], dtype=torch.float32).to(device),
-                   init_probs=torch.as_tensor(init_probs).to(device), seed=int(config.seed),
-                   policy=str(getattr(policy, "name", type(policy).__name__)))
+    return packed, _Member(init_obs=torch.as_tensor(arrays["obs"][first], dtype=torch.float32),
+                           init_probs=torch.as_tensor(init_probs), seed=int(config.seed),
+                           policy=str(getattr(policy, "name", type(policy).__name__)))
 
 
 class _StackedQ:
@@ -319,7 +349,6 @@ class _StackedQ:
     weights: each layer is one batched matrix product over members, ``(K, B, in) -> (K, B, out)``."""
 
     def __init__(self, networks: Sequence[PolicyNetwork]) -> None:
-        self.spec = networks[0].spec
         head = networks[0].heads[0]
         self.names = [name for name, module in head.named_modules() if isinstance(module, torch.nn.Linear)]
         self.mean = torch.stack([net.obs_mean for net in networks])[:, None, :]
@@ -342,30 +371,31 @@ class _StackedQ:
                 x = torch.relu(x)
         return x
 
-    def network(self, params: Sequence[torch.Tensor], k: int) -> PolicyNetwork:
-        """Member ``k`` as a :class:`PolicyNetwork` of its own."""
-        network = PolicyNetwork(self.spec)
-        state = {"obs_mean": self.mean[k, 0], "obs_std": self.std[k, 0]}
-        for i, name in enumerate(self.names):
-            state[f"heads.0.{name}.weight"] = params[2 * i][k]
-            state[f"heads.0.{name}.bias"] = params[2 * i + 1][k]
-        network.load_state_dict({key: value.detach().clone() for key, value in state.items()})
-        return network.to(self.mean.device).requires_grad_(False).eval()
+    def write(self, params: Sequence[torch.Tensor], k: int, network: PolicyNetwork) -> PolicyNetwork:
+        """Member ``k``'s weights into its own ``network`` (the one it was built as)."""
+        with torch.no_grad():
+            for i, name in enumerate(self.names):
+                layer = cast(torch.nn.Linear, network.heads[0].get_submodule(name))
+                layer.weight.copy_(params[2 * i][k])
+                layer.bias.copy_(params[2 * i + 1][k])
+        return network.requires_grad_(False).eval()
 
 
-def _fit(rows: list[torch.Tensor], members: list[_Member], config: FQEConfig, device: torch.device,
-         progress: bool) -> list[FQEResult]:
+def _fit(source: torch.Tensor, positions: list[torch.Tensor], members: list[_Member], config: FQEConfig,
+         device: torch.device, progress: bool) -> list[FQEResult]:
+    """Fit every member; member k's transitions are the rows ``source[positions[k]]``."""
     n_features = members[0].init_obs.shape[1]
     n_actions = members[0].init_probs.shape[1]
     networks, generators = [], []
-    for member, member_rows in zip(members, rows, strict=True):
+    for member, rows in zip(members, positions, strict=True):
         # seeded as a fit on its own: the same initial weights and the same minibatches
         torch.manual_seed(member.seed)
         generators.append(torch.Generator(device=device).manual_seed(member.seed))
         network = PolicyNetwork(NetworkSpec(n_features, n_actions, config.hidden, output="q_values")).to(device)
-        obs = member_rows[:, :n_features]
+        obs = source.index_select(0, rows)[:, :n_features]
         network.set_normalization(obs.mean(dim=0), obs.std(dim=0) if len(obs) > 1
                                   else torch.ones(n_features, device=device))
+        del obs
         # Q_0 = 0: the first iteration regresses on the immediate reward alone
         last = [m for m in network.heads[0].modules() if isinstance(m, torch.nn.Linear)][-1]
         torch.nn.init.zeros_(last.weight)
@@ -379,11 +409,11 @@ def _fit(rows: list[torch.Tensor], members: list[_Member], config: FQEConfig, de
     average = [p.detach().clone() for p in params]
     optimizer = adam(params, config.learning_rate)
 
-    # every member's rows in one tensor, so that a step's minibatches are one gather
-    sizes = [len(r) for r in rows]
+    # every member's row positions in one tensor: a step's minibatches are one small gather of
+    # positions and one gather of rows
+    sizes = [len(rows) for rows in positions]
     offsets = torch.as_tensor(np.r_[0, np.cumsum(sizes)[:-1]], device=device)[:, None]
-    rows_t = torch.cat(rows)
-    rows.clear()  # the members' own copies: rows_t holds them now
+    all_positions = torch.cat(positions)
     cols = np.cumsum([0, n_features, n_features, n_actions, 1, 1, 1]).tolist()
     obs_cols, next_cols, prob_cols = (slice(cols[i], cols[i + 1]) for i in range(3))
     reward_col, boot_col, action_col = cols[3], cols[4], cols[5]
@@ -397,7 +427,9 @@ def _fit(rows: list[torch.Tensor], members: list[_Member], config: FQEConfig, de
         return (q * member.init_probs).sum(dim=1)
 
     history: list[list[dict[str, float]]] = [[] for _ in members]
-    name = members[0].policy if len(members) == 1 else f"{len(members)} fits"
+    policies = {member.policy for member in members}
+    name = next(iter(policies)) if len(policies) == 1 else f"{len(policies)} policies"
+    name += f" ({len(members)} fits)" if len(members) > 1 else ""
     bar = tqdm(range(config.iterations), desc=f"FQE {name}", unit="iteration", disable=not progress, leave=False)
     for _ in bar:
         target = [p.clone() for p in average]
@@ -405,8 +437,9 @@ def _fit(rows: list[torch.Tensor], members: list[_Member], config: FQEConfig, de
         for update in range(updates):
             idx = torch.stack([torch.randint(n, (config.batch_size,), device=device, generator=g)
                                for n, g in zip(sizes, generators, strict=True)])
-            # index_select: a 2-D index into rows_t takes a much slower path
-            batch = rows_t.index_select(0, (idx + offsets).flatten()).view(len(members), config.batch_size, -1)
+            # index_select: a 2-D index into a tensor takes a much slower path
+            rows = all_positions.index_select(0, (idx + offsets).flatten())
+            batch = source.index_select(0, rows).view(len(members), config.batch_size, -1)  # (K, B, columns)
             with torch.no_grad():
                 probs = batch[..., prob_cols]
                 # only actions with pi_e > 0 enter: torch.where, not a product, so a
@@ -438,7 +471,7 @@ def _fit(rows: list[torch.Tensor], members: list[_Member], config: FQEConfig, de
     for k, member in enumerate(members):
         values = initial_values(k).double().cpu().numpy()
         results.append(FQEResult(value=float(values.mean()), initial_values=values,
-                                 network=stack.network(average, k), config=replace(config, seed=member.seed),
+                                 network=stack.write(average, k, networks[k]), config=replace(config, seed=member.seed),
                                  policy=member.policy, history=history[k]))
     return results
 

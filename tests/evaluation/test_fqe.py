@@ -182,6 +182,38 @@ def test_refits_on_resamples_match_fits_on_the_resampled_data(simulated, form):
     assert len({round(r.value, 6) for r in refits}) == 3  # three different resamples
 
 
+def with_empty_episodes(episodes, empty):
+    """``episodes`` with the episodes at ``empty`` emptied (no valid step), as padding leaves them."""
+    valid = episodes.valid.copy()
+    valid[empty] = False
+    lengths = episodes.lengths.copy()
+    lengths[empty] = 0
+    return replace(episodes, valid=valid, lengths=lengths)
+
+
+def test_refits_draw_episodes_without_steps_as_resampling_does(simulated):
+    episodes = simulated.episodes()
+    sparse = with_empty_episodes(episodes, np.arange(0, len(episodes), 3))
+    policy = make_baseline("stard", 0.1)
+    config = FQEConfig(iterations=20, updates_per_iteration=20, batch_size=128, hidden=(16,), device="cpu")
+    refits = fit_fqe_resampled(policy, sparse, [(np.random.default_rng(5), replace(config, seed=s)) for s in (1, 2)],
+                               progress=False)
+    again = np.random.default_rng(5)
+    direct = fit_fqe_stacked([(policy, resample_episodes(sparse, again), replace(config, seed=1))], progress=False)
+    assert len(refits[0].initial_values) == len(direct[0].initial_values) < len(episodes)
+    assert np.allclose(refits[0].initial_values, direct[0].initial_values, atol=1e-5)
+
+    # a resample that draws no episode with a step has nothing to learn from: said, not a torch error
+    lonely = with_empty_episodes(episodes, np.arange(1, 40))
+    lonely = replace(lonely, **{f: getattr(lonely, f)[:40] for f in ("obs", "action", "reward", "mask",
+                                                                     "behavior_prob", "terminated", "truncated", "t",
+                                                                     "valid", "lengths", "patient_id",
+                                                                     "episode_id")}, true_phq9=None)
+    misses = next(seed for seed in range(100) if not np.any(np.random.default_rng(seed).integers(0, 40, 40) == 0))
+    with pytest.raises(ValueError, match="only episodes without steps"):
+        fit_fqe_resampled(policy, lonely, [(np.random.default_rng(misses), config)], progress=False)
+
+
 def test_stacked_fits_must_agree_on_everything_but_the_seed(two_step):
     with pytest.raises(ValueError, match="fit 1 differs from fit 0 in hidden"):
         fit_fqe_stacked([(TablePolicy(), two_step, FQEConfig(**SMALL)),
@@ -206,10 +238,15 @@ def test_a_policy_that_puts_mass_on_blocked_actions_is_refused(two_step):
         fit_fqe(Careless(), two_step, FQEConfig(**SMALL), progress=False)
 
 
-def test_too_few_iterations_for_the_horizon_warn(two_step):
-    with pytest.warns(UserWarning, match=r"iterations \(1\) < longest episode \(2 steps\)"):
-        fit_fqe(TablePolicy(), two_step, FQEConfig(**{**SMALL, "iterations": 1, "updates_per_iteration": 5}),
-                progress=False)
+def test_too_few_iterations_for_the_horizon_warn_at_the_callers_line(two_step):
+    short = FQEConfig(**{**SMALL, "iterations": 1, "updates_per_iteration": 5})
+    for fit in (lambda: fit_fqe(TablePolicy(), two_step, short, progress=False),
+                lambda: fit_fqe_stacked([(TablePolicy(), two_step, short)], progress=False),
+                lambda: fit_fqe_resampled(TablePolicy(), two_step, [(np.random.default_rng(0), short)],
+                                          progress=False)):
+        with pytest.warns(UserWarning, match=r"iterations \(1\) < longest episode \(2 steps\)") as caught:
+            fit()
+        assert caught[0].filename == __file__  # where the user called, not inside fqe.py
 
 
 @pytest.mark.parametrize(("field", "value"), [
