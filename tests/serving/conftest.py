@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -162,8 +163,18 @@ def audit_database(backend: str, folder: Path) -> Iterator[AuditDatabase]:
         yield AuditDatabase(backend, make_url(admin).set(database=name).render_as_string(hide_password=False),
                             None, key_file)
     finally:
+        drop = sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
         with psycopg.connect(_psycopg_conninfo(admin), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            # An autovacuum worker may be in the database for a moment; a role without
+            # pg_signal_backend cannot end it (.ci/postgres grants it), so wait it out.
+            for attempt in range(20):
+                try:
+                    conn.execute(drop)
+                    break
+                except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ObjectInUse):
+                    if attempt == 19:
+                        raise
+                    time.sleep(0.5)
 
 
 @pytest.fixture(params=BACKENDS)
