@@ -9,7 +9,7 @@ comma := ,
 # one stamp per set of extras: asking for another set installs it
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: help venv demo test lint typecheck pytest calibration benchmarks tensorboard lock clean browser audit
+.PHONY: help venv demo test lint typecheck pytest calibration benchmarks tensorboard lock clean browser audit device-wheels
 
 help:
 	@echo "make demo        set up .venv and run the main job end to end on the default configuration"
@@ -20,6 +20,7 @@ help:
 	@echo "make lock        refresh constraints.txt from the current .venv"
 	@echo "make audit       dependency audit of constraints.txt (pip-audit; needs the PyPI or OSV vulnerability service)"
 	@echo "make browser     install Debian's chromium for the clinician page tests (apt-get)"
+	@echo "make device-wheels  wheels a GPU machine lacks, for benchmarks/device_check.sh (into .whl/)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "carepath needs Python 3.11")'
@@ -109,3 +110,13 @@ browser:
 	  $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
 	fi
 	@/usr/bin/chromium --version 2>/dev/null
+
+# The device machine (benchmarks/device_check.sh) has torch but not gymnasium: its Python 3.12
+# wheels, at constraints.txt's versions, into .whl/ (git-ignored), carried with the run.
+DEVICE_WHEELS := gymnasium Farama-Notifications
+device-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  $$(for name in $(DEVICE_WHEELS); do grep -i "^$$name==" constraints.txt; done)
+	@ls .whl

@@ -249,6 +249,8 @@ def main() -> None:
     parser.add_argument("--transitions", type=int, default=200_000)
     parser.add_argument("--skip-default-run", action="store_true", help="do not time python train.py")
     parser.add_argument("--members", type=int, default=8, help="members of the batched comparison (default 8)")
+    parser.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                        help="where to measure the update rates (all: the CPU, and CUDA when there is one)")
     parser.add_argument("--sweep-fraction", type=float, default=0.0,
                         help="also time the whole sweep under both launchers at this train_fraction (0: skip)")
     parser.add_argument("--sequential", action="store_true",
@@ -258,7 +260,9 @@ def main() -> None:
     if args.sequential and args.sweep_fraction <= 0:
         parser.error("--sequential times the sweep's members one after another: give --sweep-fraction too")
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device here")
+    devices = [args.device] if args.device != "all" else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     offline = [name for name in available() if entry(name).kind == "offline"]
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
