@@ -112,6 +112,17 @@ class OfflineAgent:
         torch.manual_seed(self.config.seed)
         self.network = PolicyNetwork(self.network_spec()).to(self.device)
 
+    def prepare(self, replay: TensorReplay,
+                stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Set up for ``replay``'s data and, before the first update, normalise observations by its
+        mean and standard deviation (``stats`` when the caller has them already) and build the
+        optimisers; a resumed agent keeps what its checkpoint restored."""
+        self.setup(replay.feature_names, replay.action_names)
+        if self.updates_done == 0:
+            mean, std = stats if stats is not None else replay.obs_stats()
+            self.network.set_normalization(mean, std)
+            self.build()
+
     @property
     def n_actions(self) -> int:
         return len(self.action_names)
@@ -146,11 +157,7 @@ class OfflineAgent:
         """Run ``n_updates`` gradient updates (default: the config's), resuming where a
         checkpoint left off; returns the last logged metrics."""
         total = int(n_updates if n_updates is not None else self.config.n_updates)
-        self.setup(replay.feature_names, replay.action_names)
-        if self.updates_done == 0:
-            mean, std = replay.obs_stats()
-            self.network.set_normalization(mean, std)
-            self.build()
+        self.prepare(replay)
         last: dict[str, float] = {}
         sums: dict[str, float] = {}
         count = 0

@@ -85,12 +85,10 @@ class BatchedQLearning:
         for generator, state in zip(self.generators, states, strict=True):
             if state is not None:
                 generator.set_state(state)
-        if self.members[0].updates_done == 0:
-            mean, std = replay.obs_stats()
-            for member in self.members:
-                member.setup(replay.feature_names, replay.action_names)
-                member.network.set_normalization(mean, std)
-                member.build()
+        # the data's statistics once for every fresh member (check_members: all at one update)
+        stats = replay.obs_stats() if self.members[0].updates_done == 0 else None
+        for member in self.members:
+            member.prepare(replay, stats)
         self.template = self.members[0]
         # the module whose functional form every member's stacked weights run through
         self._base = copy.deepcopy(self.template.network).to("meta")
