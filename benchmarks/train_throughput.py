@@ -184,18 +184,24 @@ def compute_ceiling(replay: TensorReplay, device: str, single_rate: float, membe
             "matmul_peak_gflops": round(peak, 1), "ceiling_ratio": round(peak / reached, 2)}
 
 
+def run_train(args: list[str], what: str) -> tuple[float, str]:
+    """``python train.py ARGS`` from the repository root; its wall time and stdout. RuntimeError
+    with the end of its output when it fails (``what`` names the run)."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True,
+                            text=True, check=False)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return wall, result.stdout
+
+
 def sequential_runs_wall_time(members: int, fraction: float, cache: Path) -> float:
     """The same members as ``python train.py`` runs one after another (no sweep launcher)."""
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(members):
-            result = subprocess.run([sys.executable, str(ROOT / "train.py"), "agent=cql", f"seed={seed}",
-                                     f"train_fraction={fraction}", f"runs_dir={tmp}/runs",
-                                     f"data.cache_dir={cache}", "progress=false"],
-                                    cwd=ROOT, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                raise RuntimeError(f"single run {seed} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return time.perf_counter() - started
+        return sum(run_train(["agent=cql", f"seed={seed}", f"train_fraction={fraction}", f"runs_dir={tmp}/runs",
+                              f"data.cache_dir={cache}", "progress=false"], f"single run {seed}")[0]
+                   for seed in range(members))
 
 
 def sweep_wall_time(members: int, fraction: float, sequential: bool = False) -> dict[str, Any]:
@@ -214,13 +220,8 @@ def sweep_wall_time(members: int, fraction: float, sequential: bool = False) -> 
         with tempfile.TemporaryDirectory() as tmp:
             # the same cached log for both, generated above before either clock starts
             common = [f"runs_dir={tmp}/runs", f"data.cache_dir={cache}", "progress=false"]
-            started = time.perf_counter()
-            result = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", f"hydra/launcher={launcher}",
-                                     "agent=cql", f"seed={seeds}", f"train_fraction={fraction}", *common],
-                                    cwd=ROOT, capture_output=True, text=True, check=False)
-            wall = time.perf_counter() - started
-        if result.returncode != 0:
-            raise RuntimeError(f"the {launcher} sweep failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+            wall, _ = run_train(["-m", f"hydra/launcher={launcher}", "agent=cql", f"seed={seeds}",
+                                 f"train_fraction={fraction}", *common], f"the {launcher} sweep")
         out[f"{launcher}_wall_s"] = round(wall, 1)
     out["ratio"] = round(out["joblib_wall_s"] / out["batched_wall_s"], 2)
     if sequential:
@@ -232,13 +233,9 @@ def sweep_wall_time(members: int, fraction: float, sequential: bool = False) -> 
 def default_train_wall_time() -> dict[str, Any]:
     """``python train.py`` exactly as a researcher first runs it, with a cold data cache."""
     with tempfile.TemporaryDirectory() as tmp:
-        started = time.perf_counter()
-        result = subprocess.run([sys.executable, str(ROOT / "train.py"), "progress=false", f"runs_dir={tmp}/runs",
-                                 f"data.cache_dir={tmp}/cache"], cwd=ROOT, capture_output=True, text=True, check=False)
-        wall = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"python train.py failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    summary = [line for line in result.stdout.splitlines() if "remission" in line]
+        wall, stdout = run_train(["progress=false", f"runs_dir={tmp}/runs", f"data.cache_dir={tmp}/cache"],
+                                 "python train.py")
+    summary = [line for line in stdout.splitlines() if "remission" in line]
     return {"wall_s": round(wall, 1), "summary": summary[-1] if summary else ""}
 
 
