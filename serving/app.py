@@ -32,7 +32,7 @@ from envs.spec import ACTION_NAMES, FEATURE_NAMES
 from serving.audit import AuditStore, UnknownAuditId
 from serving.auth import TokenInfo, TokenStore, bearer_token
 from serving.db import DEFAULT_DB_URL, make_engine, pseudonym_key
-from serving.recommender import EXPLAINERS, Recommender
+from serving.recommender import EXPLAINERS, ExplainerName, Recommender
 from serving.schemas import UNPROCESSABLE, PolicySummary, RecommendationRequest, RecommendationResponse
 from serving.security import RateLimiter, SecurityHeaders
 
@@ -49,7 +49,7 @@ class ServeSettings:
     key_file: str | None = None
     max_body_bytes: int = 64 * 1024
     #: the rationale: "deep" (DeepLIFT through the network) or "permutation" (shap, model-agnostic)
-    explainer: str = "deep"
+    explainer: ExplainerName = "deep"
     permutations: int = 1  # permutation explainer: one antithetic pair (exact additivity; see serving.explain)
     token_cache_seconds: float = 5.0  # a revoked token stops working within this time
     rate_limit: float = 20.0  # requests a second per token on average (0: no limit)
@@ -177,7 +177,7 @@ def create_app(settings: ServeSettings, *, recommenders: dict[str, Recommender] 
     if settings.explainer not in EXPLAINERS:
         raise ValueError(f"explainer must be one of {sorted(EXPLAINERS)}, got {settings.explainer!r}")
     if recommenders is None:
-        built = [Recommender(path, permutations=settings.permutations, explainer=settings.explainer,  # type: ignore[arg-type]
+        built = [Recommender(path, permutations=settings.permutations, explainer=settings.explainer,
                              warm=True if settings.warm_explainers == "now" else "background")
                  for path in settings.policies]
         check_servable([(r.policy.name, r.info.certification.certified) for r in built], settings.allow_uncertified)

@@ -74,7 +74,8 @@ def check_prepared(policy: BundlePolicy) -> None:
 
 #: The rationale's explainers (``Recommender(explainer=...)``, ``carepath serve --explainer``), as each
 #: answer names its method.
-EXPLAINERS = {
+ExplainerName = Literal["deep", "permutation"]
+EXPLAINERS: dict[str, str] = {
     "deep": "SHAP DeepExplainer values (DeepLIFT rescale rule) through the policy network against {k} "
             "k-means background points; values add up to score minus base value",
     "permutation": "SHAP permutation explainer against {k} k-means background points; values add up to score "
@@ -86,7 +87,7 @@ class Recommender:
     """Load a bundle once (checked), build and warm the explainer, then answer requests."""
 
     def __init__(self, bundle: str | Path | BundlePolicy, *, warm: bool | Literal["background"] = True,
-                 permutations: int = 1, explainer: Literal["deep", "permutation"] = "deep") -> None:
+                 permutations: int = 1, explainer: ExplainerName = "deep") -> None:
         """``explainer``: "deep" (DeepLIFT through the policy's network,
         :class:`serving.explain.NetworkExplainer`: exact additivity, no warm-up, no lock) or
         "permutation" (shap's model-agnostic permutation explainer, ``permutations`` antithetic
