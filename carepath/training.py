@@ -534,10 +534,10 @@ def finish_run(run: Run, data: dict[str, Any], parts: dict[str, Any]) -> float:
 
 def run(cfg: DictConfig) -> float:
     """One training run, start to finish (``python train.py``)."""
-    started = start_run(cfg)
+    job = start_run(cfg)
     try:
-        data, parts = train_run(started)
+        data, parts = train_run(job)
     except BaseException:
-        started.writer.close()
+        job.writer.close()
         raise
-    return finish_run(started, data, parts)
+    return finish_run(job, data, parts)

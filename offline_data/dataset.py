@@ -57,6 +57,7 @@ class Transitions:
     behavior_prob: F32  # (n,) logging policy's probability of the logged action
     episode: I64  # (n,) episode index
     t: I64  # (n,) week
+
     def __len__(self) -> int:
         return len(self.action)
 
